@@ -1,0 +1,143 @@
+"""What every scheme shares: the run's settings, seeded batches, the cost ledger, evaluation and AUROC.
+
+A scheme makes one `Run`, counts on it at the line where work or a transfer happens
+(`run.send(link, *tensors)`, `run.compute(party, flops)`), calls `run.end_round(models)` after each round and
+returns `run.result(models)`. On the meta device the same loop runs without arithmetic: bytes and FLOPs are
+counted exactly as in training, which is how `bench.py --costs-only` predicts costs at any scale.
+"""
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from densenet_split import nbytes
+
+LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
+PARTIES = ("client", "server", "aggregator")
+DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, log=print)
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: the chance that a positive outscores a negative, ties counting one half
+    (Mann-Whitney U with average ranks). None when the labels hold one class only (not defined)."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(labels) > 0.5
+    num_pos, num_neg = int(positive.sum()), int((~positive).sum())
+    if num_pos == 0 or num_neg == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based rank of each distinct score, ties averaged
+    rank_sum = average_rank[inverse][positive].sum()
+    return float((rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
+
+
+def tensors(dataset):
+    """(images, labels) of a site: a `data.Site`'s own tensors, or any dataset's items stacked."""
+    if hasattr(dataset, "images"):
+        return dataset.images, dataset.labels
+    return torch.stack([item[0] for item in dataset]), torch.tensor([float(item[1]) for item in dataset])
+
+
+class Run:
+    """One scheme's run: settings, batches, counted costs, timing and the per-round history."""
+
+    def __init__(self, scheme, train_sets, test_sets, parallel, **cfg):
+        unknown = set(cfg) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+        self.cfg = {**DEFAULTS, **cfg}
+        for name in ("rounds", "batch_size"):
+            if not isinstance(self.cfg[name], int) or self.cfg[name] < 1:
+                raise ValueError(f"{name} must be a positive whole number, not {self.cfg[name]!r}")
+        self.scheme, self.train_sets, self.test_sets, self.parallel = scheme, train_sets, test_sets, parallel
+        self.device = torch.device(self.cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rounds, self.batch_size, self.lr = self.cfg["rounds"], self.cfg["batch_size"], self.cfg["lr"]
+        self.bytes = dict.fromkeys(LINKS, 0)
+        self.flops = dict.fromkeys(PARTIES, 0)
+        self.history = []
+        self.seconds = 0.0
+        self.image_shape = tuple(train_sets[0][0][0].shape)
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._num_losses = 0
+        self._clock = time.perf_counter()
+
+    def send(self, link, *tensors):
+        """Count what crosses `link`: tensors, state dicts, optimizer state."""
+        self.bytes[link] += nbytes(tensors)
+
+    def compute(self, party, flops):
+        self.flops[party] += flops
+
+    def optimizer(self, model):
+        return torch.optim.Adam(model.parameters(), lr=self.lr)
+
+    def batches(self, dataset, site, round, shuffle=True):
+        """A site's mini-batches for one round, on the device, shuffled by (seed, site, round)."""
+        images, labels = tensors(dataset)
+        if shuffle:
+            seed = np.random.SeedSequence([self.cfg["seed"], site, round]).generate_state(1)[0]
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed)))
+            images, labels = images[order], labels[order]  # one gather per round; batches below are views
+        if self.device.type == "cuda":
+            images, labels = images.pin_memory(), labels.pin_memory()
+        for start in range(0, len(labels), self.batch_size):
+            yield (images[start:start + self.batch_size].to(self.device, non_blocking=True),
+                   labels[start:start + self.batch_size].to(self.device, non_blocking=True))
+
+    def autocast(self):
+        if not self.cfg["bf16"] or self.device.type == "meta":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def loss(self, logits, labels):
+        """BCE-with-logits on one logit; the sum stays on the device until the round ends (no host sync)."""
+        loss = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), labels)
+        self._loss_sum += loss.detach() * len(labels)
+        self._num_losses += len(labels)
+        return loss
+
+    def end_round(self, round, models):
+        """Close round `round` (0-based): time it, score each site's deployed model, log one line."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - self._clock
+        entry = dict(round=round + 1, loss=None, seconds=self.seconds, auroc=None, site_auroc=None, accuracy=None)
+        if self.device.type != "meta":
+            entry["loss"] = (self._loss_sum / max(self._num_losses, 1)).item()
+            if not math.isfinite(entry["loss"]):
+                raise FloatingPointError(f"loss is {entry['loss']} in round {round + 1}")
+            entry.update(self.evaluate(models))
+        self._loss_sum.zero_()
+        self._num_losses = 0
+        self.history.append(entry)
+        if self.cfg["log"]:
+            score = "-" if entry["auroc"] is None else f"{entry['auroc']:.3f}"
+            loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
+            self.cfg["log"](f"{self.scheme} round {round + 1}/{self.rounds} loss {loss} auroc {score} "
+                            f"elapsed {self.seconds:.1f}s")
+        self._clock = time.perf_counter()
+
+    @torch.no_grad()
+    def evaluate(self, models):
+        """Each site's deployed model scores that site's test set; pooled and per-site AUROC, accuracy at 0.5."""
+        scores, labels = [], []
+        for model, test_set in zip(models, self.test_sets):
+            model.eval()
+            with self.autocast():
+                logits = [model(images).float().squeeze(1).cpu()
+                          for images, _ in self.batches(test_set, 0, 0, shuffle=False)]
+            model.train()
+            scores.append(torch.cat(logits))
+            labels.append(tensors(test_set)[1])
+        all_scores, all_labels = torch.cat(scores), torch.cat(labels)
+        return dict(auroc=auroc(all_scores, all_labels), site_auroc=[auroc(s, y) for s, y in zip(scores, labels)],
+                    accuracy=((all_scores > 0) == (all_labels > 0.5)).float().mean().item())
+
+    def result(self, models):
+        last = self.history[-1] if self.history else {}
+        return dict(scheme=self.scheme, auroc=last.get("auroc"), site_auroc=last.get("site_auroc"),
+                    accuracy=last.get("accuracy"), loss=last.get("loss"), bytes=dict(self.bytes),
+                    flops=dict(self.flops), seconds=self.seconds, history=self.history, models=models,
+                    parallel=self.parallel, num_examples=[len(s) for s in self.train_sets])

@@ -1,0 +1,311 @@
+"""Chest X-ray federations: a synthetic one generated from a seed (the default) and real X-ray folders.
+
+Both return `(train_sets, test_sets)`: one `Site` per hospital, items `(image 1xHxW float tensor, label 0./1.)`,
+with every image decoded once and held in memory as one tensor, so no epoch and no scheme decodes again.
+"""
+import csv
+import functools
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+CLASS_NAMES = {"0": 0, "normal": 0, "negative": 0, "neg": 0, "healthy": 0,
+               "1": 1, "tb": 1, "positive": 1, "pos": 1, "tuberculosis": 1, "abnormal": 1}
+MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
+
+
+class Site(torch.utils.data.Dataset):
+    """One hospital's images (N x 1 x H x W float32) and labels (N float32, 0. or 1.)."""
+
+    def __init__(self, images, labels, name):
+        self.images, self.labels, self.name = images, labels, name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    def __repr__(self):
+        return f"Site({self.name!r}, {len(self)} images, {int(self.labels.sum())} positive)"
+
+
+def _check_image_size(image_size):
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image size {image_size} is too small for DenseNet-121 (at least {MIN_IMAGE_SIZE} pixels)")
+
+
+def _stratified_split(labels, test_fraction, rng, name):
+    """Indices (train, test) with each label on both sides, in proportion."""
+    train, test = [], []
+    for label in (0, 1):
+        index = np.flatnonzero(labels == label)
+        if len(index) < 2:
+            raise ValueError(f"site {name!r} is too small for a stratified train/test split: it needs at least "
+                             f"2 images of each label and has {int((labels == 0).sum())} of label 0, "
+                             f"{int((labels == 1).sum())} of label 1")
+        index = rng.permutation(index)
+        num_test = min(max(1, round(len(index) * test_fraction)), len(index) - 1)
+        test += list(index[:num_test])
+        train += list(index[num_test:])
+    return np.sort(train), np.sort(test)
+
+
+def _train_test(images, labels, name, test_fraction, rng):
+    train, test = _stratified_split(labels.numpy(), test_fraction, rng, name)
+    return Site(images[train], labels[train], name), Site(images[test], labels[test], name)
+
+
+def _grid(size):
+    coords = torch.linspace(-1, 1, size)
+    return coords.view(1, -1).expand(size, size), coords.view(-1, 1).expand(size, size)
+
+
+def _blob(x, y, cx, cy, rx, ry, sharpness=8.0):
+    """A soft ellipse: 1 inside, 0 outside, a smooth edge."""
+    return torch.sigmoid(sharpness * (1 - ((x - cx) / rx) ** 2 - ((y - cy) / ry) ** 2))
+
+
+def _gauss(x, y, cx, cy, sx, sy):
+    return torch.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
+
+
+def _chest(rng, x, y, positive):
+    """One chest X-ray-like image in [0, 1]: body, lungs, ribs, heart, spine, and lesions if positive."""
+    side = torch.tensor([-1.0, 1.0])
+    lung_cx = 0.37 + rng.normal(0, 0.03)
+    lung_rx, lung_ry = 0.26 + rng.normal(0, 0.02), 0.55 + rng.normal(0, 0.04)
+    lungs = [_blob(x, y, s * lung_cx, -0.05, lung_rx, lung_ry) for s in side]
+    lung_mask = torch.maximum(*lungs)
+    image = 0.08 + 0.5 * _blob(x, y, rng.normal(0, 0.03), 0.1, 0.88 + rng.normal(0, 0.04), 1.05)
+    image = image - 0.32 * lung_mask
+    ribs = (0.5 + 0.5 * torch.sin(rng.uniform(11, 15) * (y + 0.35 * x ** 2) + rng.uniform(0, 6.3))) ** 6
+    image = image + 0.07 * ribs * lung_mask
+    image = image + 0.25 * _blob(x, y, 0.1, 0.3, 0.24, 0.22) + 0.18 * _blob(x, y, 0.0, 0.0, 0.06, 1.2)
+    if positive:
+        for _ in range(rng.integers(1, 4)):
+            s = float(rng.choice(side))
+            kind = rng.choice(["nodule", "patch", "cavity"])
+            cx = s * lung_cx + rng.normal(0, 0.08)
+            cy = -0.05 + (rng.uniform(-0.5, -0.15) if kind == "patch" else rng.uniform(-0.4, 0.35))
+            strength = rng.uniform(0.06, 0.3)
+            if kind == "nodule":
+                r = rng.uniform(0.04, 0.1)
+                lesion = _gauss(x, y, cx, cy, r, r)
+            elif kind == "patch":  # upper-lobe consolidation: large and diffuse
+                lesion = _gauss(x, y, cx, cy, rng.uniform(0.08, 0.16), rng.uniform(0.06, 0.12))
+            else:  # cavity: a bright wall around a dark centre
+                r = rng.uniform(0.06, 0.11)
+                lesion = _gauss(x, y, cx, cy, r, r) - 1.2 * _gauss(x, y, cx, cy, r / 2, r / 2)
+            image = image + strength * lesion * lung_mask
+    if rng.random() < 0.4:  # distractors any image may carry: a calcified granuloma, a button or an ECG lead
+        cx, cy = rng.uniform(-0.7, 0.7), rng.uniform(-0.6, 0.6)
+        r = rng.uniform(0.015, 0.035)
+        image = image + rng.uniform(0.2, 0.5) * _gauss(x, y, cx, cy, r, r)
+    return image
+
+
+def _acquire(images, rng, contrast, gamma, noise, blur):
+    """A site's scanner: gamma and contrast, blur, then noise; images N x 1 x H x W."""
+    images = images.clamp(0, 1) ** gamma * contrast + (1 - contrast) / 2
+    if blur > 0:
+        radius = max(1, math.ceil(3 * blur))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / blur) ** 2)
+        taps = taps / taps.sum()
+        images = F.conv2d(F.pad(images, (radius,) * 4, mode="replicate"), (taps.view(-1, 1) * taps).view(1, 1, *taps.shape * 2))
+    images = images + noise * torch.from_numpy(rng.standard_normal(images.shape)).float()
+    return images.clamp(0, 1)
+
+
+def synthetic_sites(num_sites=3, image_size=64, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25):
+    """The default federation: synthetic chest X-rays, non-IID across sites, generated from `seed`.
+
+    Sites differ in size (default 320, 224, 156, ...: each 0.7 of the one before, at least 40), prevalence of
+    tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast, gamma, noise, blur).
+    """
+    _check_image_size(image_size)
+    if num_sites < 1:
+        raise ValueError(f"number of sites must be at least 1, not {num_sites}")
+    site_sizes = site_sizes or [max(40, int(320 * 0.7 ** k)) for k in range(num_sites)]
+    prevalences = prevalences or [(0.5, 0.3, 0.4, 0.25)[k % 4] for k in range(num_sites)]
+    if len(site_sizes) != num_sites or len(prevalences) != num_sites:
+        raise ValueError(f"site_sizes and prevalences need one value for each of the {num_sites} sites")
+    x, y = _grid(image_size)
+    train_sets, test_sets = [], []
+    for site, (size, prevalence) in enumerate(zip(site_sizes, prevalences)):
+        rng = np.random.default_rng([seed, site])
+        labels = np.zeros(size, dtype=np.float32)
+        labels[: round(size * prevalence)] = 1
+        labels = rng.permutation(labels)
+        images = torch.stack([_chest(rng, x, y, label == 1) for label in labels]).unsqueeze(1)
+        scanner = dict(contrast=rng.uniform(0.6, 1.0), gamma=rng.uniform(0.7, 1.4),
+                       noise=rng.uniform(0.02, 0.07), blur=rng.uniform(0, 1.2) * image_size / 64)
+        images = _acquire(images, rng, **scanner)
+        train, test = _train_test(images, torch.from_numpy(labels), f"synthetic-{site}", test_fraction, rng)
+        train_sets.append(train)
+        test_sets.append(test)
+    return train_sets, test_sets
+
+
+def _to_gray(image, path):
+    """A PIL image as one float32 channel in [0, 1], its own full range stretched (16-bit kept, never clipped)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
+        pixels = np.asarray(image).astype(np.float64)
+    elif image.mode in ("LA", "La"):
+        pixels = np.asarray(image)[..., 0].astype(np.float64)
+    else:  # RGB, RGBA (alpha dropped), palette, CMYK, ...
+        rgb = np.asarray(image if image.mode in ("RGB", "RGBA") else image.convert("RGB")).astype(np.float64)
+        pixels = rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+    if pixels.ndim != 2:
+        raise ValueError(f"cannot read image {path}: unexpected shape {pixels.shape}")
+    low, high = pixels.min(), pixels.max()
+    return ((pixels - low) / (high - low) if high > low else pixels * 0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir):
+    key = hashlib.sha1(f"{path}|{mtime_ns}|{file_size}|{image_size}".encode()).hexdigest()
+    cached = Path(cache_dir, key + ".npy") if cache_dir else None
+    if cached and cached.exists():
+        return torch.from_numpy(np.load(cached))
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = _to_gray(image, path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    resized = F.interpolate(torch.from_numpy(pixels)[None, None], size=(image_size, image_size),
+                            mode="bilinear", antialias=True, align_corners=False)[0]
+    if cached:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.save(cached, resized.numpy())
+    return resized
+
+
+def load_image(path, image_size, cache_dir=None):
+    """Decode and resize one X-ray to 1 x image_size x image_size, once per file, size and modification."""
+    stat = os.stat(path)
+    return _decode_cached(str(path), stat.st_mtime_ns, stat.st_size, image_size, cache_dir and str(cache_dir))
+
+
+def _class_label(name):
+    return CLASS_NAMES.get(name.lower())
+
+
+def _label_of(path, folder):
+    """A label from a class folder between `folder` and the file, or from a Shenzhen-style name *_0 / *_1."""
+    for part in path.relative_to(folder).parts[:-1]:
+        if _class_label(part) is not None:
+            return _class_label(part)
+        if part.isdigit():
+            raise ValueError(f"class folder {path.parent} is not a binary label (use 0/1, normal/tb or negative/positive)")
+    match = re.search(r"_(\d+)$", path.stem)
+    if match and match.group(1) in ("0", "1"):
+        return int(match.group(1))
+    if match and len(match.group(1)) == 1:
+        raise ValueError(f"label {match.group(1)} of {path} is not binary (0 or 1)")
+    raise ValueError(f"cannot tell the label of {path}: put it in a class folder (0/1, normal/tb, "
+                     f"negative/positive) or name it like CHNCXR_0001_0.png")
+
+
+def _images_in(folder):
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _scan_folder(root):
+    """{site: [(path, label)]}: subfolders of `root` are sites, unless `root` itself holds classes or images."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    pooled = any(_class_label(d.name) is not None for d in subdirs) or any(
+        p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir() if p.is_file())
+    folders = [root] if pooled or not subdirs else subdirs
+    sites = {}
+    for folder in folders:
+        paths = _images_in(folder)
+        if not paths:
+            raise ValueError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        sites[folder.name] = [(p, _label_of(p, folder)) for p in paths]
+    return sites
+
+
+def _scan_manifest(manifest):
+    """{site: [(path, label)]} from a CSV of `path,label[,site]` (a header row is optional)."""
+    sites = {}
+    with open(manifest, newline="") as file:
+        for line, row in enumerate(csv.reader(file), start=1):
+            if not row or (line == 1 and row[0].strip().lower() == "path"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{manifest} line {line}: expected path,label[,site]")
+            label = _class_label(row[1].strip())
+            if label is None:
+                raise ValueError(f"{manifest} line {line}: label {row[1].strip()!r} is not binary (0 or 1)")
+            path = Path(manifest).parent / row[0].strip()
+            if not path.is_file():
+                raise ValueError(f"{manifest} line {line}: image {path} does not exist")
+            sites.setdefault(row[2].strip() if len(row) > 2 else Path(manifest).stem, []).append((path, label))
+    if not sites:
+        raise ValueError(f"no images found in manifest {manifest}")
+    return sites
+
+
+def _partition(labels, num_sites, partition, alpha, rng):
+    """Split one pool into `num_sites` index lists: "iid" deals each label out evenly, "dirichlet" skews labels."""
+    if num_sites > len(labels):
+        raise ValueError(f"{num_sites} sites but only {len(labels)} images")
+    for _ in range(100):
+        parts = [[] for _ in range(num_sites)]
+        for label in (0, 1):
+            index = rng.permutation(np.flatnonzero(labels == label))
+            if partition == "iid":
+                for k in range(num_sites):
+                    parts[k] += list(index[k::num_sites])
+            else:
+                cuts = (np.cumsum(rng.dirichlet([alpha] * num_sites)) * len(index)).round().astype(int)[:-1]
+                for k, chunk in enumerate(np.split(index, cuts)):
+                    parts[k] += list(chunk)
+        if all(min((labels[p] == 0).sum(), (labels[p] == 1).sum()) >= 2 for p in parts):
+            return [np.sort(p) for p in parts]
+    raise ValueError(f"partition {partition!r} (alpha={alpha}) cannot give each of {num_sites} sites 2 images "
+                     f"of each label; use fewer sites or a larger alpha")
+
+
+def folder_sites(root, image_size=64, num_sites=None, partition="site", seed=0, test_fraction=0.25,
+                 alpha=0.5, cache_dir=None):
+    """Real X-rays as sites: a folder per site, one pooled folder split into sites, or a CSV manifest.
+
+    partition: "site" keeps the sites as found; "iid" or "dirichlet" (label skew, `alpha`) pools every image
+    and splits the pool into `num_sites` sites. Each site gets a seeded, stratified test split.
+    """
+    _check_image_size(image_size)
+    root = Path(root)
+    if not root.exists():
+        raise ValueError(f"data folder {root} does not exist")
+    if partition not in ("site", "iid", "dirichlet"):
+        raise ValueError(f"partition must be site, iid or dirichlet, not {partition!r}")
+    found = _scan_manifest(root) if root.is_file() else _scan_folder(root)
+    if partition == "site":
+        if num_sites is not None and num_sites != len(found):
+            raise ValueError(f"{root} holds {len(found)} sites ({', '.join(found)}), not {num_sites}; "
+                             f"use partition iid or dirichlet to split it into {num_sites}")
+        groups = found
+    else:
+        pool = [item for items in found.values() for item in items]
+        labels = np.array([label for _, label in pool])
+        parts = _partition(labels, num_sites or 3, partition, alpha, np.random.default_rng(seed))
+        groups = {f"{partition}-{k}": [pool[i] for i in part] for k, part in enumerate(parts)}
+    train_sets, test_sets = [], []
+    for site, (name, items) in enumerate(groups.items()):
+        images = torch.stack([load_image(path, image_size, cache_dir) for path, _ in items])
+        labels = torch.tensor([float(label) for _, label in items])
+        train, test = _train_test(images, labels, name, test_fraction, np.random.default_rng([seed, site]))
+        train_sets.append(train)
+        test_sets.append(test)
+    return train_sets, test_sets

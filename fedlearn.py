@@ -1,0 +1,87 @@
+"""Centralized training (the baseline) and federated learning with FedAvg.
+
+centralized: every site uploads its images once; one model trains on the pool at the server.
+FedAvg: each round every client trains the global model for one local epoch on its own images and uploads
+its weights; the aggregator averages them, weighted by number of examples, and sends the average back.
+To reuse: copy this file with common.py and densenet_split.py.
+"""
+import copy
+
+import torch
+
+from common import Run, tensors
+from data import Site
+from densenet_split import training_flops
+
+
+def fedavg(state_dicts, num_examples):
+    """The average of `state_dicts` weighted by `num_examples`: weights and BatchNorm running statistics.
+
+    Integer buffers (BatchNorm's `num_batches_tracked`) are averaged with the same weights and rounded to
+    the nearest whole number: a count of batches the average model has, in effect, seen. (It only matters
+    for BatchNorm with momentum=None, which DenseNet does not use.) Sums run in float64.
+    """
+    total = sum(num_examples)
+    average = {}
+    for key, first in state_dicts[0].items():
+        mean = sum((n / total) * state_dict[key].double() for n, state_dict in zip(num_examples, state_dicts))
+        average[key] = mean.to(first.dtype) if first.is_floating_point() else mean.round().to(first.dtype)
+    return average
+
+
+def average_models(run, models, num_examples, over_network=True):
+    """FedAvg in place: every copy gets the weighted average of all copies' weights (its optimizer keeps
+    its state). `over_network`: the copies sit at the clients, so each uploads and downloads its weights."""
+    state_dicts = [model.state_dict() for model in models]
+    if over_network:
+        for state_dict in state_dicts:
+            run.send("client->aggregator", state_dict)
+    average = fedavg(state_dicts, num_examples)
+    run.compute("aggregator", 2 * len(models) * sum(t.numel() for t in average.values()))  # a multiply, an add
+    for model in models:
+        if over_network:
+            run.send("aggregator->client", average)
+        model.load_state_dict(average)
+
+
+def local_epoch(run, model, optimizer, dataset, site, round, party, flops_per_sample):
+    """One pass of `party` over `dataset`: forward, loss, backward, step, for every mini-batch."""
+    for images, labels in run.batches(dataset, site, round):
+        with run.autocast():
+            loss = run.loss(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.compute(party, flops_per_sample * len(labels))
+
+
+def centralized(model, train_sets, test_sets, **cfg):
+    """The baseline: the sites' images pooled at the server, one model, one optimizer."""
+    run = Run("central", train_sets, test_sets, parallel=True, **cfg)
+    model.to(run.device).train()
+    images, labels = zip(*map(tensors, train_sets))
+    for site_images, site_labels in zip(images, labels):
+        run.send("client->server", site_images, site_labels)  # the raw images, uploaded once
+    pool = Site(torch.cat(images), torch.cat(labels), "pool")
+    optimizer = run.optimizer(model)
+    flops_per_sample = training_flops(model, run.image_shape)
+    for round in range(run.rounds):
+        local_epoch(run, model, optimizer, pool, 0, round, "server", flops_per_sample)
+        run.end_round(round, [model] * len(test_sets))
+    return run.result([model] * len(test_sets))
+
+
+def train(model, train_sets, test_sets, **cfg):
+    """FedAvg: one local epoch per client per round, then a weighted average of the clients' weights."""
+    run = Run("fedavg", train_sets, test_sets, parallel=True, **cfg)
+    model.to(run.device).train()
+    client_models = [model] + [copy.deepcopy(model) for _ in train_sets[1:]]  # same initial weights everywhere
+    optimizers = [run.optimizer(m) for m in client_models]  # each client's own Adam, kept across rounds
+    num_examples = [len(s) for s in train_sets]
+    flops_per_sample = training_flops(model, run.image_shape)
+    for round in range(run.rounds):
+        for site, (client_model, optimizer, dataset) in enumerate(zip(client_models, optimizers, train_sets)):
+            local_epoch(run, client_model, optimizer, dataset, site, round, "client", flops_per_sample)
+        average_models(run, client_models, num_examples)
+        run.end_round(round, client_models)
+    return run.result(client_models)

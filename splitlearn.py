@@ -1,0 +1,72 @@
+"""Split learning: the client part of the network stays with the clients, the server part at the server.
+
+One client part and one server part. Clients take turns: with turns="client" each trains one whole local
+epoch, then hands the client part (and its optimizer state) to the next; with turns="batch" they hand it on
+after every mini-batch, and a client whose data ran out is skipped until the round ends.
+To reuse: copy this file with common.py and densenet_split.py.
+"""
+from torch import nn
+
+from common import Run
+from densenet_split import split_flops
+
+TURNS = ("client", "batch")
+
+
+def split_step(run, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops):
+    """One training step across the cut; `flops` = (client, server) training FLOPs per sample."""
+    with run.autocast():
+        outputs = client_model(images)  # client: forward to the cut
+    activations = outputs.detach().requires_grad_()  # what leaves the client: no graph, no images
+    run.send("client->server", activations, labels)
+    with run.autocast():
+        loss = run.loss(server_model(activations), labels)  # server: the rest of the network and the loss
+    server_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    server_optimizer.step()
+    grad_activations = activations.grad
+    run.send("server->client", grad_activations)
+    client_optimizer.zero_grad(set_to_none=True)
+    outputs.backward(grad_activations)  # client: backward from the cut, then its own step
+    client_optimizer.step()
+    run.compute("client", flops[0] * len(labels))
+    run.compute("server", flops[1] * len(labels))
+
+
+def take_turns(run, train_sets, round, turns):
+    """(site, images, labels) in the order the clients train in one round."""
+    if turns not in TURNS:
+        raise ValueError(f"turns must be one of {', '.join(TURNS)}, not {turns!r}")
+    streams = [run.batches(dataset, site, round) for site, dataset in enumerate(train_sets)]
+    if turns == "client":
+        for site, stream in enumerate(streams):
+            for images, labels in stream:
+                yield site, images, labels
+        return
+    waiting = list(enumerate(streams))
+    while waiting:
+        for site, stream in list(waiting):
+            batch = next(stream, None)
+            if batch is None:
+                waiting.remove((site, stream))  # this client's data ran out: skip it until the round ends
+            else:
+                yield site, *batch
+
+
+def train(client_model, server_model, train_sets, test_sets, turns="client", **cfg):
+    """Split learning with alternate client (turns="client") or alternate mini-batch (turns="batch") training."""
+    run = Run(f"sl-{turns}", train_sets, test_sets, parallel=False, **cfg)
+    client_model.to(run.device).train()
+    server_model.to(run.device).train()
+    client_optimizer, server_optimizer = run.optimizer(client_model), run.optimizer(server_model)
+    flops = split_flops(client_model, server_model, run.image_shape)
+    deployed = [nn.Sequential(client_model, server_model)] * len(train_sets)
+    holder = 0  # the site that holds the client part; site 0 starts with it
+    for round in range(run.rounds):
+        for site, images, labels in take_turns(run, train_sets, round, turns):
+            if site != holder:  # hand the client part and its optimizer state to the next client
+                run.send("client->client", client_model.state_dict(), client_optimizer.state_dict()["state"])
+                holder = site
+            split_step(run, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops)
+        run.end_round(round, deployed)
+    return run.result(deployed)
