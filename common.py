@@ -2,8 +2,9 @@
 
 A scheme makes one `Run`, counts on it at the line where work or a transfer happens
 (`run.send(link, *tensors)`, `run.compute(party, flops)`), calls `run.end_round(models)` after each round and
-returns `run.result(models)`. On the meta device the same loop runs without arithmetic: bytes and FLOPs are
-counted exactly as in training, which is how `bench.py --costs-only` predicts costs at any scale.
+returns `run.result(models)`. With `costs_only=True` and `densenet_split.cost_only` stand-ins for the model
+parts, the same loop runs without arithmetic and counts exactly what training counts: that is how
+`bench.py --costs-only` predicts costs at any scale.
 """
 import contextlib
 import math
@@ -17,7 +18,7 @@ from densenet_split import nbytes
 
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
-DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, log=print)
+DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, log=print, costs_only=False)
 
 
 def auroc(scores, labels):
@@ -87,7 +88,7 @@ class Run:
                    labels[start:start + self.batch_size].to(self.device, non_blocking=True))
 
     def autocast(self):
-        if not self.cfg["bf16"] or self.device.type == "meta":
+        if not self.cfg["bf16"]:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -104,7 +105,7 @@ class Run:
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - self._clock
         entry = dict(round=round + 1, loss=None, seconds=self.seconds, auroc=None, site_auroc=None, accuracy=None)
-        if self.device.type != "meta":
+        if not self.cfg["costs_only"]:
             entry["loss"] = (self._loss_sum / max(self._num_losses, 1)).item()
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(f"loss is {entry['loss']} in round {round + 1}")

@@ -60,7 +60,7 @@ def _stratified_split(labels, test_fraction, rng, name):
 
 
 def _train_test(images, labels, name, test_fraction, rng):
-    train, test = _stratified_split(labels.numpy(), test_fraction, rng, name)
+    train, test = map(torch.from_numpy, _stratified_split(labels.numpy(), test_fraction, rng, name))
     return Site(images[train], labels[train], name), Site(images[test], labels[test], name)
 
 
@@ -125,11 +125,13 @@ def _acquire(images, rng, contrast, gamma, noise, blur):
     return images.clamp(0, 1)
 
 
-def synthetic_sites(num_sites=3, image_size=64, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25):
+def synthetic_sites(num_sites=3, image_size=64, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25,
+                    shapes_only=False):
     """The default federation: synthetic chest X-rays, non-IID across sites, generated from `seed`.
 
     Sites differ in size (default 320, 224, 156, ...: each 0.7 of the one before, at least 40), prevalence of
     tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast, gamma, noise, blur).
+    `shapes_only`: the same sites and labels, with images that are all zeros (no pixels), for counting costs.
     """
     _check_image_size(image_size)
     if num_sites < 1:
@@ -145,10 +147,13 @@ def synthetic_sites(num_sites=3, image_size=64, seed=0, site_sizes=None, prevale
         labels = np.zeros(size, dtype=np.float32)
         labels[: round(size * prevalence)] = 1
         labels = rng.permutation(labels)
-        images = torch.stack([_chest(rng, x, y, label == 1) for label in labels]).unsqueeze(1)
-        scanner = dict(contrast=rng.uniform(0.6, 1.0), gamma=rng.uniform(0.7, 1.4),
-                       noise=rng.uniform(0.02, 0.07), blur=rng.uniform(0, 1.2) * image_size / 64)
-        images = _acquire(images, rng, **scanner)
+        if shapes_only:
+            images = torch.zeros(()).expand(size, 1, image_size, image_size)
+        else:
+            images = torch.stack([_chest(rng, x, y, label == 1) for label in labels]).unsqueeze(1)
+            scanner = dict(contrast=rng.uniform(0.6, 1.0), gamma=rng.uniform(0.7, 1.4),
+                           noise=rng.uniform(0.02, 0.07), blur=rng.uniform(0, 1.2) * image_size / 64)
+            images = _acquire(images, rng, **scanner)
         train, test = _train_test(images, torch.from_numpy(labels), f"synthetic-{site}", test_fraction, rng)
         train_sets.append(train)
         test_sets.append(test)

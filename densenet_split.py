@@ -158,3 +158,46 @@ def split_flops(client_model, server_model, image_shape):
         activations = copy.deepcopy(client_model).to("meta").eval()(torch.empty(2, *image_shape, device="meta"))
     return (training_flops(client_model, image_shape),
             training_flops(server_model, activations.shape[1:], input_grad=True))
+
+
+class _Zeros(torch.autograd.Function):
+    """Zeros of a given shape forward, zero gradients for the input and every parameter backward."""
+
+    @staticmethod
+    def forward(ctx, x, output_shape, dtype, *parameters):
+        ctx.input_shape, ctx.input_dtype, ctx.parameters = x.shape, x.dtype, parameters
+        return x.new_zeros(len(x), *output_shape, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input = grad_output.new_zeros(ctx.input_shape, dtype=ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        return (grad_input, None, None, *(torch.zeros_like(p) for p in ctx.parameters))
+
+
+class CostOnly(nn.Module):
+    """Stands in for a model part when only costs are counted (`bench.py --costs-only`).
+
+    It holds the real part, so state dicts and optimizer state weigh what they weigh in training, and its
+    output has the real output's shape and dtype; but its output is zeros and its gradients are zeros, so a
+    scheme's loop runs, and counts, exactly as in training without the arithmetic. On the meta device (where
+    `training_flops` counts) it is the real part.
+    """
+
+    def __init__(self, part, input_shape):
+        super().__init__()
+        self.part = part
+        with torch.no_grad():
+            self.output_shape = copy.deepcopy(part).to("meta").eval()(torch.empty(2, *input_shape, device="meta")).shape[1:]
+
+    def forward(self, x):
+        if x.device.type == "meta":
+            return self.part(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        return _Zeros.apply(x, self.output_shape, dtype, *self.part.parameters())
+
+
+def cost_only(client_model, server_model, image_shape):
+    """(client, server) stand-ins that count like the real parts at no arithmetic cost."""
+    client = CostOnly(client_model, image_shape)
+    return client, CostOnly(server_model, client.output_shape)

@@ -1,0 +1,257 @@
+"""Train every scheme on the same federation and print one comparison table.
+
+    python bench.py                                  # the synthetic federation, all seven schemes, CPU or GPU
+    python bench.py --costs-only --image-size 224    # bytes and FLOPs at the paper's scale, no training
+
+Each row: AUROC (pooled, and the range over sites), accuracy, bytes on every link, FLOPs per party, wall
+time and its ratio to centralized training, and an estimated deployment time (see `deployment_seconds`).
+"""
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+import data
+import fedlearn
+import splitfed
+import splitlearn
+from common import LINKS, PARTIES
+from densenet_split import CUTS, activation_shape, cost_only, split_densenet121
+
+SCHEMES = {
+    "central": lambda client, server, *sets, **cfg: fedlearn.centralized(nn.Sequential(client, server), *sets, **cfg),
+    "fedavg": lambda client, server, *sets, **cfg: fedlearn.train(nn.Sequential(client, server), *sets, **cfg),
+    "sl-client": lambda *parts_and_sets, **cfg: splitlearn.train(*parts_and_sets, turns="client", **cfg),
+    "sl-batch": lambda *parts_and_sets, **cfg: splitlearn.train(*parts_and_sets, turns="batch", **cfg),
+    "sfv1": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=1, **cfg),
+    "sfv2": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=2, **cfg),
+    "sfv3": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=3, **cfg),
+}
+LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
+              "client->aggregator": "c->agg", "aggregator->client": "agg->c"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one line, exit status 2, no usage dump."""
+        self.exit(2, f"bench.py: error: {message}\n")
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+    return parse
+
+
+def scheme_list(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCHEMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scheme {','.join(unknown) or text!r}; choose from {','.join(SCHEMES)}")
+    return names
+
+
+def size_list(text):
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if min(sizes) < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: every site needs at least 8 images")
+    return sizes
+
+
+def parse_args(argv):
+    parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", metavar="PATH", default=None,
+                        help="X-ray folder or CSV manifest (see README); default: the synthetic federation")
+    parser.add_argument("--sites", type=positive(int), default=None,
+                        help="number of sites (default: 3 synthetic, or the folder's own sites)")
+    parser.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
+                        help="synthetic images per site, train and test (default: 320,224,156)")
+    parser.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
+                        help="--data: keep its sites, or pool and split into --sites")
+    parser.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
+    parser.add_argument("--image-size", type=positive(int), default=64, metavar="PX", help="image side in pixels")
+    parser.add_argument("--cut", choices=CUTS, default="transition1", metavar="NAME",
+                        help=f"split point, one of {', '.join(CUTS)}")
+    parser.add_argument("--batch-size", type=positive(int), default=32, help="mini-batch size")
+    parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (halves activation bytes)")
+    parser.add_argument("--schemes", type=scheme_list, default=list(SCHEMES), metavar="LIST",
+                        help=f"comma-separated subset of {','.join(SCHEMES)}")
+    parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
+    parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
+    parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
+    parser.add_argument("--costs-only", action="store_true",
+                        help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
+    parser.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
+                        help="deployment estimate: each link's bandwidth in Mbit/s")
+    parser.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
+                        help="deployment estimate: a client's sustained TFLOP/s")
+    parser.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
+                        help="deployment estimate: the server's sustained TFLOP/s")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.site_sizes and args.data:
+        parser.error("--site-sizes is for the synthetic federation, not --data")
+    if args.site_sizes and args.sites and args.sites != len(args.site_sizes):
+        parser.error(f"--sites {args.sites} but --site-sizes lists {len(args.site_sizes)} sites")
+    try:
+        activation_shape(args.cut, args.image_size)
+        activation_shape("norm5", args.image_size)
+    except ValueError as error:
+        parser.error(f"--image-size: {error}")
+    return args, parser
+
+
+def load_sites(args):
+    if args.data is None:
+        sizes = args.site_sizes
+        return data.synthetic_sites(num_sites=len(sizes) if sizes else args.sites or 3, image_size=args.image_size,
+                                    site_sizes=sizes, shapes_only=args.costs_only)
+    train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites,
+                                              partition=args.partition)
+    return train_sets, test_sets
+
+
+def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops):
+    """Estimated time to run the scheme for real: compute at the stated speeds plus transfers at the stated bandwidth.
+
+    Sequential turns (split learning, SplitFed v2): everything adds up. Parallel clients (FedAvg, SplitFed
+    v1/v3, the centralized upload): the slowest client sets the pace; client work and activations scale with
+    a site's images, so the largest site's share is max(n)/sum(n), and each client moves 1/K of the weights.
+    """
+    sizes = row["num_examples"]
+    share, weight_share = (max(sizes) / sum(sizes), 1 / len(sizes)) if row["parallel"] else (1.0, 1.0)
+    flops, sent = row["flops"], row["bytes"]
+    compute = (flops["client"] * share / client_tflops + (flops["server"] + flops["aggregator"]) / server_tflops) / 1e12
+    transfer_bytes = ((sent["client->server"] + sent["server->client"]) * share + sent["client->client"]
+                      + (sent["client->aggregator"] + sent["aggregator->client"]) * weight_share)
+    return compute + transfer_bytes * 8 / (bandwidth_mbit * 1e6)
+
+
+def human(number, unit=""):
+    if number is None:
+        return "-"
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(number) < 1000 or prefix == "P":
+            return f"{number:.3g} {prefix}{unit}".strip() if prefix or unit else f"{number:.3g}"
+        number /= 1000
+
+
+def mean_std(values, digits=3):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+
+
+def table(rows):
+    """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
+    header = (["scheme", "AUROC", "site AUROC", "acc"] + [LINK_NAMES[link] for link in LINKS]
+              + ["total", "client FLOP", "server FLOP", "wall s", "×central", "deploy s"])
+    lines = [header]
+    for scheme in dict.fromkeys(row["scheme"] for row in rows):
+        runs = [row for row in rows if row["scheme"] == scheme]
+        done = [row for row in runs if not row.get("error")]
+        if not done:
+            lines.append([scheme, "failed: " + runs[0]["error"]])
+            continue
+        first = done[0]
+        sites = [a for row in done for a in (row["site_auroc"] or []) if a is not None]
+        lines.append([scheme, mean_std([row["auroc"] for row in done]),
+                      f"{min(sites):.2f}–{max(sites):.2f}" if sites else "-",
+                      mean_std([row["accuracy"] for row in done], 2)]
+                     + [human(first["bytes"][link], "B") for link in LINKS]
+                     + [human(sum(first["bytes"].values()), "B"), human(first["flops"]["client"]),
+                        human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
+                        mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"])])
+    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) > 2) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     if len(line) > 2 else "  ".join(line) for line in lines)
+
+
+def write_outputs(rows, args):
+    """Rewrite --json and --csv with every row so far, so that nothing finished is lost."""
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=1)
+    if args.csv:
+        columns = (["scheme", "seed", "auroc", "site_auroc_min", "site_auroc_max", "accuracy"]
+                   + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
+                   + ["seconds", "ratio", "deploy_seconds", "error"])
+        with open(args.csv, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            for row in rows:
+                sites = [a for a in row.get("site_auroc") or [] if a is not None]
+                writer.writerow([row["scheme"], row["seed"], row.get("auroc"), min(sites, default=None),
+                                 max(sites, default=None), row.get("accuracy")]
+                                + [row.get("bytes", {}).get(link) for link in LINKS]
+                                + [row.get("flops", {}).get(party) for party in PARTIES]
+                                + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"), row.get("error")])
+
+
+def main(argv=None):
+    """Run the bench; returns the rows the table shows (one per scheme and seed)."""
+    args, parser = parse_args(argv)
+    try:
+        train_sets, test_sets = load_sites(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    print(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
+          f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}", flush=True)
+    rows, central_seconds = [], {}
+    for seed in range(args.seeds):
+        for scheme in args.schemes:
+            row = dict(scheme=scheme, seed=seed)
+            try:
+                torch.manual_seed(seed)
+                client_model, server_model = split_densenet121(args.cut)
+                if args.costs_only:
+                    client_model, server_model = cost_only(client_model, server_model, train_sets[0][0][0].shape)
+                result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
+                                         batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16,
+                                         device=args.device, costs_only=args.costs_only,
+                                         log=lambda line: print(line, flush=True))
+                result.pop("models")
+                row.update(result)
+                row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
+                if args.costs_only:
+                    row["seconds"] = None
+                elif scheme == "central":
+                    central_seconds[seed] = row["seconds"]
+                row["ratio"] = row["seconds"] / central_seconds[seed] if seed in central_seconds and row["seconds"] else None
+            except Exception as error:  # one scheme failing never loses the rows already finished
+                row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                print(f"{scheme} failed: {row['error']}", flush=True)
+            rows.append(row)
+            write_outputs(rows, args)
+    print()
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
