@@ -83,9 +83,12 @@ class Run:
             images, labels = images[order], labels[order]  # one gather per round; batches below are views
         if self.device.type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()
-        for start in range(0, len(labels), self.batch_size):
-            yield (images[start:start + self.batch_size].to(self.device, non_blocking=True),
-                   labels[start:start + self.batch_size].to(self.device, non_blocking=True))
+        # A lone last image joins the batch before it: BatchNorm cannot train on one image at 1x1 pixels.
+        ends = list(range(self.batch_size, len(labels), self.batch_size)) + [len(labels)]
+        if len(ends) > 1 and ends[-1] - ends[-2] == 1:
+            del ends[-2]
+        for start, end in zip([0] + ends[:-1], ends):
+            yield images[start:end].to(self.device, non_blocking=True), labels[start:end].to(self.device, non_blocking=True)
 
     def autocast(self):
         if not self.cfg["bf16"]:

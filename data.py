@@ -19,6 +19,7 @@ from PIL import Image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CLASS_NAMES = {"0": 0, "normal": 0, "negative": 0, "neg": 0, "healthy": 0,
                "1": 1, "tb": 1, "positive": 1, "pos": 1, "tuberculosis": 1, "abnormal": 1}
+LESION_STRENGTH = (0.12, 0.4)  # opacity over the lung field: low end hard to see, high end obvious
 MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
 
 
@@ -96,7 +97,7 @@ def _chest(rng, x, y, positive):
             kind = rng.choice(["nodule", "patch", "cavity"])
             cx = s * lung_cx + rng.normal(0, 0.08)
             cy = -0.05 + (rng.uniform(-0.5, -0.15) if kind == "patch" else rng.uniform(-0.4, 0.35))
-            strength = rng.uniform(0.06, 0.3)
+            strength = rng.uniform(*LESION_STRENGTH)
             if kind == "nodule":
                 r = rng.uniform(0.04, 0.1)
                 lesion = _gauss(x, y, cx, cy, r, r)

@@ -1,0 +1,448 @@
+"""Tests, CPU only and fast. Reference answers come from torchvision, centralized training, scikit-learn,
+hand-computed averages, shape arithmetic and torch's own FLOP counter."""
+import copy
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import data
+import densenet_split as ds
+import fedlearn
+import splitfed
+import splitlearn
+from common import auroc
+
+torch.set_num_threads(2)
+FAST = dict(rounds=2, batch_size=16, log=None, device="cpu")
+
+
+def torchvision_densenet(seed=0):
+    torch.manual_seed(seed)
+    return torchvision.models.densenet121(num_classes=1)
+
+
+def fresh_split(cut="transition1", seed=0):
+    torch.manual_seed(seed)
+    return ds.split_densenet121(cut)
+
+
+# The split
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_split_composes_to_torchvision_bit_for_bit_at_every_cut(mode):
+    model = torchvision_densenet()
+    x = torch.randn(2, 3, 32, 32)
+    for cut in ds.CUTS:
+        getattr(model, mode)()
+        expected = model(x)
+        client_model, server_model = ds.split_model(model, cut)
+        assert torch.equal(server_model(client_model(x)), expected), cut
+
+
+def test_split_parts_share_the_models_parameters_none_lost():
+    model = torchvision_densenet()
+    everything = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    for cut in ds.CUTS:
+        client_model, server_model = ds.split_model(model, cut)
+        client = {id(t) for t in [*client_model.parameters(), *client_model.buffers()]}
+        server = {id(t) for t in [*server_model.parameters(), *server_model.buffers()]}
+        assert not client & server and client | server == everything, cut
+
+
+def test_split_training_step_gives_the_whole_models_gradients_at_every_cut():
+    model = torchvision_densenet()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([0.0, 1.0])
+    F.binary_cross_entropy_with_logits(model(x).squeeze(1), labels).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for cut in ds.CUTS:
+        model.zero_grad()
+        client_model, server_model = ds.split_model(model, cut)
+        outputs = client_model(x)
+        activations = outputs.detach().requires_grad_()  # a leaf: an in-place op on it would fail here
+        F.binary_cross_entropy_with_logits(server_model(activations).squeeze(1), labels).backward()
+        outputs.backward(activations.grad)
+        for name, p in model.named_parameters():
+            assert torch.allclose(p.grad, expected[name], rtol=1e-4, atol=1e-6), (cut, name)
+
+
+def test_unknown_cut_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="transition1"):
+        ds.split_model(torchvision_densenet(), "layer4")
+
+
+def test_grayscale_first_convolution_is_the_sum_of_rgb_filters(tmp_path):
+    rgb = torchvision_densenet()
+    rgb.classifier = nn.Linear(1024, 1000)  # an ImageNet-shaped head, which a one-logit model must replace
+    path = tmp_path / "densenet121.pt"
+    torch.save(rgb.state_dict(), path)
+    client_model, server_model = ds.split_densenet121("transition1", weights=str(path))
+    assert client_model.conv0.weight.shape == (64, 1, 7, 7)
+    assert torch.allclose(client_model.conv0.weight, rgb.features.conv0.weight.sum(1, keepdim=True))
+    assert torch.equal(server_model.features.denseblock4.denselayer1.conv1.weight,
+                       rgb.features.denseblock4.denselayer1.conv1.weight)
+    assert server_model.classifier.weight.shape == (1, 1024)
+
+
+def test_weights_that_do_not_fit_or_cannot_be_downloaded_are_clear_errors(tmp_path, monkeypatch):
+    path = tmp_path / "resnet.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match="resnet.pt do not fit DenseNet-121"):
+        ds.split_densenet121(weights=str(path))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ValueError, match="local state-dict file"):
+        ds.split_densenet121(weights="IMAGENET1K_V1")
+
+
+def test_training_flops_split_adds_up_to_the_whole_model():
+    torch.manual_seed(0)
+    for cut in ("conv0", "norm0", "transition1", "denseblock3", "norm5"):
+        client_model, server_model = ds.split_densenet121(cut)
+        whole = ds.training_flops(nn.Sequential(client_model, server_model), (1, 64, 64))
+        assert sum(ds.split_flops(client_model, server_model, (1, 64, 64))) == whole, cut
+
+
+def test_densenet121_forward_at_224_is_5_67_gflop():
+    client_model, server_model = ds.split_densenet121(in_channels=3, num_classes=1000)
+    model = nn.Sequential(client_model, server_model).to("meta").eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert counter.get_total_flops() == pytest.approx(5.67e9, rel=0.01)
+    training = ds.training_flops(nn.Sequential(client_model, server_model), (3, 224, 224))
+    assert 2 * counter.get_total_flops() < training < 3 * counter.get_total_flops()
+
+
+def test_activation_shapes_at_224_and_too_small_images():
+    assert ds.activation_shape("transition1", 224) == (128, 28, 28)
+    assert ds.activation_shape("pool0", 224) == (64, 56, 56)
+    assert ds.activation_shape("norm5", 224) == (1024, 7, 7)
+    with pytest.raises(ValueError, match="too small"):
+        ds.activation_shape("norm5", 16)
+
+
+def test_nbytes_of_tensors_state_dicts_and_optimizer_state():
+    layer = nn.Linear(3, 2)  # 6 + 2 float32 numbers
+    assert ds.nbytes(layer.weight) == 24
+    assert ds.nbytes([layer.weight, layer.bias.half()]) == 24 + 4
+    assert ds.nbytes(layer.state_dict()) == 32
+    optimizer = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    assert ds.nbytes(optimizer.state_dict()["state"]) == 2 * 32 + 2 * 4  # exp_avg, exp_avg_sq, a step each
+
+
+# Data
+
+def test_synthetic_is_deterministic_and_its_sites_differ():
+    train_a, test_a = data.synthetic_sites(image_size=32, seed=3)
+    train_b, test_b = data.synthetic_sites(image_size=32, seed=3)
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(train_a, train_b))
+    other, _ = data.synthetic_sites(image_size=32, seed=4)
+    assert not torch.equal(other[0].images, train_a[0].images)
+    sizes = [len(a) + len(t) for a, t in zip(train_a, test_a)]
+    assert len(set(sizes)) == 3
+    prevalence = [float(torch.cat([a.labels, t.labels]).mean()) for a, t in zip(train_a, test_a)]
+    assert max(prevalence) - min(prevalence) > 0.1
+    contrast = [float(a.images.std()) for a in train_a]
+    assert max(contrast) - min(contrast) > 0.01
+    for site in train_a + test_a:  # stratified: both labels on both sides
+        assert 0 < site.labels.sum() < len(site)
+        assert site.images.shape[1:] == (1, 32, 32) and 0 <= site.images.min() and site.images.max() <= 1
+
+
+def save_png(path, pixels, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode).save(path) if mode else Image.fromarray(pixels).save(path)
+
+
+def gray(value, size=40):
+    return np.full((size, size), value, np.uint8) + np.arange(size, dtype=np.uint8)[None]
+
+
+def test_folder_layouts_shenzhen_names_and_class_folders(tmp_path):
+    for i in range(8):
+        save_png(tmp_path / "shenzhen" / f"CHNCXR_{i:04d}_{i % 2}.png", gray(10 * i))
+    for i in range(4):
+        save_png(tmp_path / "montgomery" / "Normal" / f"a{i}.png", gray(5 * i))
+        save_png(tmp_path / "montgomery" / "TB" / f"b{i}.png", gray(200 - 5 * i))
+    train_sets, test_sets = data.folder_sites(tmp_path, image_size=32)
+    assert [s.name for s in train_sets] == ["montgomery", "shenzhen"]
+    for train, test in zip(train_sets, test_sets):
+        assert len(train) + len(test) == 8 and len(test) == 2
+        assert train.labels.sum() == 3 and test.labels.sum() == 1
+        assert train.images.shape[1:] == (1, 32, 32)
+
+
+def test_csv_manifest_with_sites(tmp_path):
+    rows = []
+    for i in range(16):
+        save_png(tmp_path / "img" / f"{i}.png", gray(7 * i))
+        rows.append(f"img/{i}.png,{'tb' if i % 2 else 'normal'},{'north' if i < 8 else 'south'}")
+    (tmp_path / "manifest.csv").write_text("path,label,site\n" + "\n".join(rows) + "\n")
+    train_sets, test_sets = data.folder_sites(tmp_path / "manifest.csv", image_size=32)
+    assert [s.name for s in train_sets] == ["north", "south"]
+    assert sum(len(s) for s in train_sets + test_sets) == 16
+
+
+def test_16_bit_range_kept_and_rgba_becomes_gray(tmp_path):
+    ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))  # a 12-bit image in a 16-bit PNG
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    image = data.load_image(tmp_path / "ramp.png", 64)[0]
+    assert image.min() == 0 and image.max() == 1  # stretched to its own full range, not divided by 65535
+    assert len(torch.unique(image[0])) > 60  # not clipped to 8 bits or saturated
+    assert torch.all(image[0, 1:] >= image[0, :-1])
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = gray(0), 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    image = data.load_image(tmp_path / "rgba.png", 40)
+    assert image.shape == (1, 40, 40) and image.max() == 1 and image.min() == 0
+    assert torch.allclose(image[0, 0], torch.arange(40.0) / 39)  # red alone, stretched; alpha ignored
+
+
+def test_bad_folders_are_one_line_errors_naming_the_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.folder_sites(tmp_path / "missing")
+    (tmp_path / "empty" / "site").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        data.folder_sites(tmp_path / "empty")
+    for i in range(8):
+        save_png(tmp_path / "corrupt" / f"x_{i % 2}.png", gray(i))
+    (tmp_path / "corrupt" / "bad_1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad_1.png"):
+        data.folder_sites(tmp_path / "corrupt")
+    for i in range(3):
+        save_png(tmp_path / "ternary" / str(i) / f"{i}.png", gray(i))
+    with pytest.raises(ValueError, match="not a binary label"):
+        data.folder_sites(tmp_path / "ternary")
+    for i in range(5):
+        save_png(tmp_path / "small" / f"x_{int(i == 0)}.png" if i == 0 else tmp_path / "small" / f"y{i}_0.png", gray(i))
+    with pytest.raises(ValueError, match="too small for a stratified"):
+        data.folder_sites(tmp_path / "small")
+    with pytest.raises(ValueError, match="4 sites but only 3 images"):
+        data._partition(np.array([0, 1, 1]), 4, "iid", 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="too small for DenseNet"):
+        data.synthetic_sites(image_size=16)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_partitions_cover_every_image_exactly_once(partition):
+    labels = np.array([0] * 60 + [1] * 40)
+    parts = data._partition(labels, 4, partition, 0.5, np.random.default_rng(0))
+    assert sorted(np.concatenate(parts)) == list(range(100))
+    if partition == "iid":
+        assert all(abs(labels[p].mean() - 0.4) < 0.05 for p in parts)
+
+
+def test_pooled_folder_split_into_sites(tmp_path):
+    for i in range(24):
+        save_png(tmp_path / ("tb" if i % 3 == 0 else "normal") / f"{i}.png", gray(i))
+    train_sets, test_sets = data.folder_sites(tmp_path, image_size=32, num_sites=2, partition="iid")
+    assert len(train_sets) == 2 and sum(len(s) for s in train_sets + test_sets) == 24
+
+
+# The schemes
+
+SCHEMES = {
+    "fedavg": lambda c, s, tr, te, **cfg: fedlearn.train(nn.Sequential(c, s), tr, te, **cfg),
+    "sl-client": lambda *a, **cfg: splitlearn.train(*a, turns="client", **cfg),
+    "sl-batch": lambda *a, **cfg: splitlearn.train(*a, turns="batch", **cfg),
+    "sfv1": lambda *a, **cfg: splitfed.train(*a, version=1, **cfg),
+    "sfv2": lambda *a, **cfg: splitfed.train(*a, version=2, **cfg),
+    "sfv2-batch": lambda *a, **cfg: splitfed.train(*a, version=2, turns="batch", **cfg),
+    "sfv3": lambda *a, **cfg: splitfed.train(*a, version=3, **cfg),
+}
+
+
+@pytest.fixture(scope="module")
+def one_site():
+    return data.synthetic_sites(num_sites=1, image_size=32, site_sizes=[40])
+
+
+@pytest.fixture(scope="module")
+def three_sites():
+    return data.synthetic_sites(num_sites=3, image_size=32, site_sizes=[40, 24, 16])
+
+
+@pytest.fixture(scope="module")
+def centralized_one_site(one_site):
+    return fedlearn.centralized(nn.Sequential(*fresh_split()), *one_site, **FAST)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_with_one_site_every_scheme_is_centralized_training(scheme, one_site, centralized_one_site):
+    result = SCHEMES[scheme](*fresh_split(), *one_site, **FAST)
+    expected = centralized_one_site["models"][0].state_dict()
+    got = result["models"][0].state_dict()
+    for key, value in expected.items():
+        assert torch.allclose(got[key].double(), value.double(), rtol=1e-5, atol=1e-6), key
+    assert result["auroc"] == pytest.approx(centralized_one_site["auroc"], abs=1e-6)
+    assert result["flops"]["client"] + result["flops"]["server"] == centralized_one_site["flops"]["server"]
+
+
+@pytest.fixture(scope="module")
+def three_site_results(three_sites):
+    return {name: run(*fresh_split(), *three_sites, **FAST) for name, run in SCHEMES.items()}
+
+
+def same_weights(models):
+    first = models[0].state_dict()
+    return all(all(torch.equal(m.state_dict()[k], v) for k, v in first.items()) for m in models[1:])
+
+
+def test_three_sites_who_deploys_what(three_site_results):
+    for name in ("fedavg", "sl-client", "sl-batch", "sfv1", "sfv2"):
+        assert same_weights(three_site_results[name]["models"]), name
+    assert not same_weights(three_site_results["sfv3"]["models"])
+    sl = {name: three_site_results[name]["bytes"]["client->client"] for name in ("sl-client", "sl-batch")}
+    assert sl["sl-batch"] > sl["sl-client"] > 0
+
+
+def test_bytes_equal_the_shape_arithmetic(three_sites, three_site_results):
+    train_sets, _ = three_sites
+    num_images, num_sites, rounds = sum(len(s) for s in train_sets), len(train_sets), FAST["rounds"]
+    activation = int(np.prod(ds.activation_shape("transition1", 32)))
+    client_model, server_model = fresh_split()
+    client_bytes = sum(t.numel() * 4 for t in client_model.state_dict().values() if t.is_floating_point())
+    client_bytes += 8 * sum(not t.is_floating_point() for t in client_model.state_dict().values())  # int64 counters
+    params = list(client_model.parameters())
+    adam_bytes = 2 * sum(p.numel() * 4 for p in params) + 4 * len(params)  # two moments and a step per tensor
+    whole = nn.Sequential(client_model, server_model).state_dict()
+    whole_bytes = ds.nbytes(whole)
+    for name in ("sl-client", "sl-batch", "sfv1", "sfv2", "sfv3"):
+        sent = three_site_results[name]["bytes"]
+        assert sent["client->server"] == rounds * num_images * (activation * 4 + 4), name
+        assert sent["server->client"] == rounds * num_images * activation * 4, name
+    assert three_site_results["sl-client"]["bytes"]["client->client"] == (rounds * num_sites - 1) * (client_bytes + adam_bytes)
+    for name in ("sfv1", "sfv2"):
+        assert three_site_results[name]["bytes"]["client->aggregator"] == rounds * num_sites * client_bytes
+        assert three_site_results[name]["bytes"]["aggregator->client"] == rounds * num_sites * client_bytes
+    assert three_site_results["sfv3"]["bytes"]["client->aggregator"] == 0
+    fedavg = three_site_results["fedavg"]
+    assert fedavg["bytes"]["client->aggregator"] == fedavg["bytes"]["aggregator->client"] == rounds * num_sites * whole_bytes
+    assert fedavg["bytes"]["client->server"] == fedavg["bytes"]["server->client"] == 0
+    assert fedavg["flops"]["aggregator"] == rounds * 2 * num_sites * sum(t.numel() for t in whole.values())
+
+
+def test_flop_totals_equal_centralized_training(three_sites, three_site_results):
+    central = fedlearn.centralized(nn.Sequential(*fresh_split()), *three_sites, **dict(FAST, rounds=1))
+    for name, result in three_site_results.items():
+        assert result["flops"]["client"] + result["flops"]["server"] == FAST["rounds"] * central["flops"]["server"], name
+    train_sets, _ = three_sites
+    assert central["bytes"]["client->server"] == sum(s.images.numel() * 4 + len(s) * 4 for s in train_sets)
+
+
+def test_fedavg_is_the_hand_computed_weighted_mean():
+    first = {"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.tensor([0.0, 4.0]),
+             "bn.num_batches_tracked": torch.tensor(3)}
+    second = {"w": torch.tensor([3.0, 6.0]), "bn.running_mean": torch.tensor([2.0, 0.0]),
+              "bn.num_batches_tracked": torch.tensor(6)}
+    average = fedlearn.fedavg([first, second], num_examples=[1, 3])
+    assert torch.equal(average["w"], torch.tensor([2.5, 5.0]))
+    assert torch.equal(average["bn.running_mean"], torch.tensor([1.5, 1.0]))
+    assert average["bn.num_batches_tracked"].item() == 5 and average["bn.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(first["w"], torch.tensor([1.0, 2.0]))  # pure: the inputs are untouched
+
+
+def test_auroc_with_ties_matches_hand_and_scikit_learn():
+    assert auroc([0.1, 0.4, 0.4, 0.8], [0, 0, 1, 1]) == 0.875  # (1 + 0.5 + 2) / 4 pairs
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 200) / 4, rng.integers(0, 2, 200)
+    assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    assert auroc([0.2, 0.3], [1, 1]) is None
+
+
+def test_single_class_test_site_reports_auroc_not_defined(three_sites):
+    train_sets, test_sets = three_sites
+    negatives = test_sets[2].labels == 0
+    only_negatives = data.Site(test_sets[2].images[negatives], test_sets[2].labels[negatives], "negatives")
+    result = fedlearn.train(nn.Sequential(*fresh_split()), train_sets, [*test_sets[:2], only_negatives],
+                            **dict(FAST, rounds=1))
+    assert result["site_auroc"][2] is None and result["site_auroc"][0] is not None
+
+
+def test_same_seed_same_models_bytes_and_flops(three_sites):
+    runs = [splitfed.train(*fresh_split(), *three_sites, version=1, **dict(FAST, rounds=1)) for _ in range(2)]
+    assert runs[0]["bytes"] == runs[1]["bytes"] and runs[0]["flops"] == runs[1]["flops"]
+    assert runs[0]["history"][0]["auroc"] == runs[1]["history"][0]["auroc"]
+    for a, b in zip(runs[0]["models"], runs[1]["models"]):
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_nan_loss_stops_the_scheme_with_a_reason(one_site):
+    train_sets, test_sets = one_site
+    broken = data.Site(torch.full_like(train_sets[0].images, float("nan")), train_sets[0].labels, "nan")
+    with pytest.raises(FloatingPointError, match="loss is nan in round 1"):
+        splitlearn.train(*fresh_split(), [broken], test_sets, **FAST)
+
+
+# The bench
+
+TINY = ["--site-sizes", "16,12", "--image-size", "32", "--rounds", "1", "--batch-size", "8"]
+
+
+def test_bench_smoke_all_seven_schemes_json_and_csv(tmp_path, capsys):
+    rows = bench.main(TINY + ["--json", str(tmp_path / "rows.json"), "--csv", str(tmp_path / "rows.csv")])
+    out = capsys.readouterr().out
+    assert [row["scheme"] for row in rows] == list(bench.SCHEMES)
+    assert not any(row.get("error") for row in rows)
+    assert all(0 <= row["auroc"] <= 1 and row["seconds"] > 0 for row in rows)
+    assert "sfv3 round 1/1 loss" in out and out.rstrip().splitlines()[-1].startswith("sfv3")
+    assert [row["scheme"] for row in json.loads((tmp_path / "rows.json").read_text())] == list(bench.SCHEMES)
+    with open(tmp_path / "rows.csv") as file:
+        assert [row["scheme"] for row in csv.DictReader(file)] == list(bench.SCHEMES)
+
+
+def test_costs_only_predicts_exactly_what_training_counts():
+    trained = bench.main(TINY)
+    predicted = bench.main(TINY + ["--costs-only"])
+    for real, costs in zip(trained, predicted):
+        assert costs["bytes"] == real["bytes"] and costs["flops"] == real["flops"], real["scheme"]
+        assert costs["deploy_seconds"] == real["deploy_seconds"]
+
+
+def test_costs_only_at_paper_scale_with_bf16_halves_activations():
+    args = ["--image-size", "224", "--site-sizes", "40,24", "--rounds", "1", "--schemes", "sl-client"]
+    full, half = bench.main(args + ["--costs-only"]), bench.main(args + ["--costs-only", "--bf16"])
+    assert half[0]["bytes"]["server->client"] * 2 == full[0]["bytes"]["server->client"]
+    assert full[0]["bytes"]["server->client"] == 48 * 128 * 28 * 28 * 4  # 48 training images at transition1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds"), (["--schemes", "central,magic"], "magic"), (["--cut", "layer9"], "--cut"),
+    (["--image-size", "16"], "too small"), (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--lr", "nan"], "--lr"), (["--site-sizes", "3,40"], "at least 8"),
+])
+def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_flag_from_the_command_line_has_no_traceback():
+    done = subprocess.run([sys.executable, "bench.py", "--batch-size", "-3"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "--batch-size" in done.stderr
+
+
+def test_a_failing_scheme_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
+    def explode(*args, **kwargs):
+        raise FloatingPointError("loss is nan in round 1")
+    monkeypatch.setitem(bench.SCHEMES, "fedavg", explode)
+    rows = bench.main(TINY + ["--schemes", "central,fedavg,sfv3", "--json", str(tmp_path / "rows.json")])
+    assert [row.get("error") is None for row in rows] == [True, False, True]
+    assert "failed: FloatingPointError: loss is nan" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == 3
