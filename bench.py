@@ -83,8 +83,8 @@ def parse_args(argv):
                         help="synthetic images per site, train and test (default: 320,224,156)")
     parser.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
                         help="--data: keep its sites, or pool and split into --sites")
-    parser.add_argument("--rounds", type=positive(int), default=4, help="rounds (each: every training image once)")
-    parser.add_argument("--image-size", type=positive(int), default=64, metavar="PX", help="image side in pixels")
+    parser.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
+    parser.add_argument("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
     parser.add_argument("--cut", choices=CUTS, default="transition1", metavar="NAME",
                         help=f"split point, one of {', '.join(CUTS)}")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="mini-batch size")
