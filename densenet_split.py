@@ -154,10 +154,14 @@ def activation_shape(cut, image_size, in_channels=1):
 
 def split_flops(client_model, server_model, image_shape):
     """Training FLOPs per sample of (client part, server part) for images of shape (C, H, W)."""
-    with torch.no_grad():
-        activations = copy.deepcopy(client_model).to("meta").eval()(torch.empty(2, *image_shape, device="meta"))
     return (training_flops(client_model, image_shape),
-            training_flops(server_model, activations.shape[1:], input_grad=True))
+            training_flops(server_model, output_shape(client_model, image_shape), input_grad=True))
+
+
+def output_shape(module, input_shape):
+    """Shape of one sample's output for inputs of shape `input_shape`, on a weightless (meta) copy."""
+    with torch.no_grad():
+        return tuple(copy.deepcopy(module).to("meta").eval()(torch.empty(2, *input_shape, device="meta")).shape[1:])
 
 
 class _Zeros(torch.autograd.Function):
@@ -186,8 +190,7 @@ class CostOnly(nn.Module):
     def __init__(self, part, input_shape):
         super().__init__()
         self.part = part
-        with torch.no_grad():
-            self.output_shape = copy.deepcopy(part).to("meta").eval()(torch.empty(2, *input_shape, device="meta")).shape[1:]
+        self.output_shape = output_shape(part, input_shape)
 
     def forward(self, x):
         if x.device.type == "meta":
