@@ -389,6 +389,24 @@ def test_nan_loss_stops_the_scheme_with_a_reason(one_site):
         splitlearn.train(*fresh_split(), [broken], test_sets, **FAST)
 
 
+def test_bf16_autocast_sends_bf16_activations_and_still_learns(one_site):
+    result = splitlearn.train(*fresh_split(), *one_site, **dict(FAST, rounds=1, bf16=True))
+    num_images, activation = len(one_site[0][0]), int(np.prod(ds.activation_shape("transition1", 32)))
+    assert result["bytes"]["server->client"] == num_images * activation * 2  # 2 bytes per bf16 value
+    assert result["bytes"]["client->server"] == num_images * (activation * 2 + 4)  # labels stay float32
+    assert np.isfinite(result["loss"]) and result["auroc"] is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_on_cuda_every_scheme_counts_the_same_and_trains_like_cpu(scheme, three_sites):
+    cpu = SCHEMES[scheme](*fresh_split(), *three_sites, **dict(FAST, rounds=1))
+    gpu = SCHEMES[scheme](*fresh_split(), *three_sites, **dict(FAST, rounds=1, device="cuda"))
+    assert all(p.is_cuda for model in gpu["models"] for p in model.parameters())
+    assert gpu["bytes"] == cpu["bytes"] and gpu["flops"] == cpu["flops"]
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2)  # TF32 convolutions: close, not equal
+
+
 # The bench
 
 TINY = ["--site-sizes", "16,12", "--image-size", "32", "--rounds", "1", "--batch-size", "8"]
