@@ -191,6 +191,13 @@ def table(rows):
                      if len(line) > 2 else "  ".join(line) for line in lines)
 
 
+def add_ratios(rows):
+    """Each row's wall time over centralized training's with the same seed, whichever ran first."""
+    central = {row["seed"]: row["seconds"] for row in rows if row["scheme"] == "central" and row.get("seconds")}
+    for row in rows:
+        row["ratio"] = row["seconds"] / central[row["seed"]] if row.get("seconds") and row["seed"] in central else None
+
+
 def write_outputs(rows, args):
     """Rewrite --json and --csv with every row so far, so that nothing finished is lost."""
     if args.json:
@@ -221,7 +228,7 @@ def main(argv=None):
         parser.error(str(error))
     print(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
           f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}", flush=True)
-    rows, central_seconds = [], {}
+    rows = []
     for seed in range(args.seeds):
         for scheme in args.schemes:
             row = dict(scheme=scheme, seed=seed)
@@ -239,13 +246,11 @@ def main(argv=None):
                 row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
                 if args.costs_only:
                     row["seconds"] = None
-                elif scheme == "central":
-                    central_seconds[seed] = row["seconds"]
-                row["ratio"] = row["seconds"] / central_seconds[seed] if seed in central_seconds and row["seconds"] else None
             except Exception as error:  # one scheme failing never loses the rows already finished
                 row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
                 print(f"{scheme} failed: {row['error']}", flush=True)
             rows.append(row)
+            add_ratios(rows)
             write_outputs(rows, args)
     print()
     print(table(rows))

@@ -460,7 +460,8 @@ def test_a_failing_scheme_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
     def explode(*args, **kwargs):
         raise FloatingPointError("loss is nan in round 1")
     monkeypatch.setitem(bench.SCHEMES, "fedavg", explode)
-    rows = bench.main(TINY + ["--schemes", "central,fedavg,sfv3", "--json", str(tmp_path / "rows.json")])
+    rows = bench.main(TINY + ["--schemes", "sfv3,fedavg,central", "--json", str(tmp_path / "rows.json")])
     assert [row.get("error") is None for row in rows] == [True, False, True]
+    assert rows[0]["ratio"] == rows[0]["seconds"] / rows[2]["seconds"]  # central ran last: sfv3 still gets its ratio
     assert "failed: FloatingPointError: loss is nan" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 3
