@@ -42,6 +42,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"bench.py: error: {message}\n")
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        """Append "(default: ...)" unless the help already says what the default is."""
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def positive(kind):
     def parse(text):
         try:
@@ -74,13 +80,13 @@ def size_list(text):
 
 def parse_args(argv):
     parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time.",
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=Formatter)
     parser.add_argument("--data", metavar="PATH", default=None,
                         help="X-ray folder or CSV manifest (see README); default: the synthetic federation")
     parser.add_argument("--sites", type=positive(int), default=None,
                         help="number of sites (default: 3 synthetic, or the folder's own sites)")
     parser.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
-                        help="synthetic images per site, train and test (default: 320,224,156)")
+                        help=f"synthetic images per site, train and test (default: {','.join(map(str, data.SITE_SIZES))}, then 96)")
     parser.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
                         help="--data: keep its sites, or pool and split into --sites")
     parser.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
@@ -127,9 +133,7 @@ def load_sites(args):
         sizes = args.site_sizes
         return data.synthetic_sites(num_sites=len(sizes) if sizes else args.sites or 3, image_size=args.image_size,
                                     site_sizes=sizes, shapes_only=args.costs_only)
-    train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites,
-                                              partition=args.partition)
-    return train_sets, test_sets
+    return data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites, partition=args.partition)
 
 
 def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops):

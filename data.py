@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CLASS_NAMES = {"0": 0, "normal": 0, "negative": 0, "neg": 0, "healthy": 0,
                "1": 1, "tb": 1, "positive": 1, "pos": 1, "tuberculosis": 1, "abnormal": 1}
 LESION_STRENGTH = (0.15, 0.5)  # opacity over the lung field: low end hard to see, high end obvious
+SITE_SIZES = (340, 214, 128)  # train + test; 256, 160, 96 for training: whole batches of 32. Then 96 each.
 MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
 
 
@@ -130,15 +131,15 @@ def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevale
                     shapes_only=False):
     """The default federation: synthetic chest X-rays, non-IID across sites, generated from `seed`.
 
-    Sites differ in size (default 340, 214, 128, then 96 each: 256, 160, 96, 72 training images, whole
-    batches of 32), prevalence of tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast,
+    Sites differ in size (default `SITE_SIZES`, then 96 each: 256, 160, 96, then 72 training images),
+    prevalence of tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast,
     gamma, noise, blur).
     `shapes_only`: the same sites and labels, with images that are all zeros (no pixels), for counting costs.
     """
     _check_image_size(image_size)
     if num_sites < 1:
         raise ValueError(f"number of sites must be at least 1, not {num_sites}")
-    site_sizes = site_sizes or [(340, 214, 128)[k] if k < 3 else 96 for k in range(num_sites)]
+    site_sizes = site_sizes or [SITE_SIZES[k] if k < len(SITE_SIZES) else 96 for k in range(num_sites)]
     prevalences = prevalences or [(0.5, 0.3, 0.4, 0.25)[k % 4] for k in range(num_sites)]
     if len(site_sizes) != num_sites or len(prevalences) != num_sites:
         raise ValueError(f"site_sizes and prevalences need one value for each of the {num_sites} sites")
