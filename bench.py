@@ -20,7 +20,7 @@ import data
 import fedlearn
 import splitfed
 import splitlearn
-from common import LINKS, PARTIES
+from common import BN_SETTINGS, LINKS, PARTIES
 from densenet_split import CUTS, activation_shape, cost_only, split_densenet121
 
 SCHEMES = {
@@ -93,6 +93,9 @@ def parse_args(argv):
     parser.add_argument("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
     parser.add_argument("--cut", choices=CUTS, default="transition1", metavar="NAME",
                         help=f"split point, one of {', '.join(CUTS)}")
+    parser.add_argument("--bn", choices=BN_SETTINGS, default="local",
+                        help="BatchNorm statistics of the deployed models: local (recomputed at each site on its own "
+                             "training images) or averaged (as training and averaging left them)")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="mini-batch size")
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -103,6 +106,8 @@ def parse_args(argv):
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
     parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
+    parser.add_argument("--plot", metavar="PATH.png",
+                        help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     parser.add_argument("--costs-only", action="store_true",
                         help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
     parser.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
@@ -116,6 +121,11 @@ def parse_args(argv):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install -e \".[plot]\"")
     if args.site_sizes and args.data:
         parser.error("--site-sizes is for the synthetic federation, not --data")
     if args.site_sizes and args.sites and args.sites != len(args.site_sizes):
@@ -170,9 +180,17 @@ def mean_std(values, digits=3):
     return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
 
 
+def auroc_cell(done):
+    """The pooled AUROC with its 95% interval, or mean ± std over seeds when there are several."""
+    if len(done) > 1 or done[0]["auroc_interval"] is None:
+        return mean_std([row["auroc"] for row in done])
+    low, high = done[0]["auroc_interval"]
+    return f"{done[0]['auroc']:.3f} [{low:.2f}, {high:.2f}]"
+
+
 def table(rows):
     """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
-    header = (["scheme", "AUROC", "site AUROC", "acc"] + [LINK_NAMES[link] for link in LINKS]
+    header = (["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc"] + [LINK_NAMES[link] for link in LINKS]
               + ["total", "client FLOP", "server FLOP", "wall s", "×central", "deploy s"])
     lines = [header]
     for scheme in dict.fromkeys(row["scheme"] for row in rows):
@@ -183,8 +201,8 @@ def table(rows):
             continue
         first = done[0]
         sites = [a for row in done for a in (row["site_auroc"] or []) if a is not None]
-        lines.append([scheme, mean_std([row["auroc"] for row in done]),
-                      f"{min(sites):.2f}–{max(sites):.2f}" if sites else "-",
+        lines.append([scheme, auroc_cell(done) if first["auroc"] is not None else "-",
+                      f"{statistics.mean(sites):.2f} ({min(sites):.2f}–{max(sites):.2f})" if sites else "-",
                       mean_std([row["accuracy"] for row in done], 2)]
                      + [human(first["bytes"][link], "B") for link in LINKS]
                      + [human(sum(first["bytes"].values()), "B"), human(first["flops"]["client"]),
@@ -193,6 +211,34 @@ def table(rows):
     widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) > 2) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
                      if len(line) > 2 else "  ".join(line) for line in lines)
+
+
+def plot(rows, path):
+    """Two panels: pooled AUROC per round for every scheme; final AUROC (with its interval) against total bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    done = [row for row in rows if not row.get("error") and row.get("auroc") is not None]
+    figure, (curves, tradeoff) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    for scheme in dict.fromkeys(row["scheme"] for row in done):
+        runs = [row for row in done if row["scheme"] == scheme]
+        per_round = [statistics.mean(entry["auroc"] for entry in entries if entry["auroc"] is not None)
+                     for entries in zip(*(row["history"] for row in runs))]
+        curves.plot(range(1, len(per_round) + 1), per_round, marker="o", label=scheme)
+        final = statistics.mean(row["auroc"] for row in runs)
+        total = sum(runs[0]["bytes"].values())
+        interval = runs[0]["auroc_interval"] if len(runs) == 1 else None
+        error = [[final - interval[0]], [interval[1] - final]] if interval else None
+        tradeoff.errorbar(total, final, yerr=error, fmt="o", capsize=3)
+        tradeoff.annotate(scheme, (total, final), textcoords="offset points", xytext=(5, 5))
+    curves.set(xlabel="round", ylabel="pooled AUROC", title="AUROC per round")
+    curves.legend()
+    tradeoff.set(xscale="log", xlabel="total bytes on all links", ylabel="final pooled AUROC (95% CI)",
+                 title="AUROC against communication")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    pyplot.close(figure)
 
 
 def add_ratios(rows):
@@ -208,7 +254,8 @@ def write_outputs(rows, args):
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)
     if args.csv:
-        columns = (["scheme", "seed", "auroc", "site_auroc_min", "site_auroc_max", "accuracy"]
+        columns = (["scheme", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
+                    "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
                    + ["seconds", "ratio", "deploy_seconds", "error"])
         with open(args.csv, "w", newline="") as file:
@@ -216,7 +263,9 @@ def write_outputs(rows, args):
             writer.writerow(columns)
             for row in rows:
                 sites = [a for a in row.get("site_auroc") or [] if a is not None]
-                writer.writerow([row["scheme"], row["seed"], row.get("auroc"), min(sites, default=None),
+                low, high = row.get("auroc_interval") or (None, None)
+                writer.writerow([row["scheme"], row["seed"], args.bn, row.get("auroc"), low, high,
+                                 statistics.mean(sites) if sites else None, min(sites, default=None),
                                  max(sites, default=None), row.get("accuracy")]
                                 + [row.get("bytes", {}).get(link) for link in LINKS]
                                 + [row.get("flops", {}).get(party) for party in PARTIES]
@@ -235,14 +284,14 @@ def main(argv=None):
     rows = []
     for seed in range(args.seeds):
         for scheme in args.schemes:
-            row = dict(scheme=scheme, seed=seed)
+            row = dict(scheme=scheme, seed=seed, bn=args.bn)
             try:
                 torch.manual_seed(seed)
                 client_model, server_model = split_densenet121(args.cut)
                 if args.costs_only:
                     client_model, server_model = cost_only(client_model, server_model, train_sets[0][0][0].shape)
                 result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
-                                         batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16,
+                                         batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn,
                                          device=args.device, costs_only=args.costs_only,
                                          log=lambda line: print(line, flush=True))
                 result.pop("models")
@@ -257,7 +306,12 @@ def main(argv=None):
             add_ratios(rows)
             write_outputs(rows, args)
     print()
+    print(f"BatchNorm statistics: {args.bn}. AUROC: pooled over every site's test images, each site scored by "
+          f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples.")
     print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
     return rows
 
 

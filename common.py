@@ -7,18 +7,22 @@ parts, the same loop runs without arithmetic and counts exactly what training co
 `bench.py --costs-only` predicts costs at any scale.
 """
 import contextlib
+import copy
 import math
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from densenet_split import nbytes
 
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
-DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, log=print, costs_only=False)
+DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
+                costs_only=False)
+BN_SETTINGS = ("local", "averaged")
 
 
 def auroc(scores, labels):
@@ -32,6 +36,67 @@ def auroc(scores, labels):
     average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based rank of each distinct score, ties averaged
     rank_sum = average_rank[inverse][positive].sum()
     return float((rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
+
+
+def auroc_interval(scores, labels, level=0.95, num_resamples=2000, seed=0):
+    """A (low, high) percentile interval for `auroc`: a bootstrap that resamples positives and negatives
+    apart (stratified, so each resample keeps the test set's class counts), seeded. None for one class.
+
+    AUROC is the mean over (positive, negative) pairs of `wins` (1 if the positive scores higher, 1/2 on a
+    tie), so a resample that draws each positive a times and each negative b times has AUROC a @ wins @ b
+    over the number of pairs: every resample is two small matrix products, no sorting.
+    """
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(labels) > 0.5
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    rng = np.random.default_rng(seed)
+    draws_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=num_resamples)
+    draws_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=num_resamples)
+    resampled = ((draws_pos @ wins) * draws_neg).sum(1) / (len(pos) * len(neg))
+    low, high = np.quantile(resampled, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model, batches, autocast=contextlib.nullcontext):
+    """Set every BatchNorm's running statistics to the exact mean and unbiased variance, per channel, of
+    what that layer sees in a train-mode pass over `batches` (images, labels); the weights are untouched.
+
+    The same as one pass with `momentum=None` over all the images in one batch, without needing them in
+    memory at once: each batch's mean and variance are merged into the totals exactly (Chan et al.'s
+    parallel update, in float64), weighted by the number of values, where momentum=None would weigh every
+    batch alike whatever its size. Returns `model`, in eval mode.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    totals = {}
+
+    def accumulate(layer, inputs):
+        x = inputs[0]
+        var, mean = torch.var_mean(x.float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        count = x.numel() // x.shape[1]
+        if layer not in totals:
+            totals[layer] = [count, mean.double(), var.double() * count]
+            return
+        total, total_mean, total_m2 = totals[layer]
+        delta = mean.double() - total_mean
+        totals[layer] = [total + count, total_mean + delta * count / (total + count),
+                         total_m2 + var.double() * count + delta ** 2 * total * count / (total + count)]
+
+    hooks = [layer.register_forward_pre_hook(accumulate) for layer in layers]
+    model.train()
+    try:
+        for images, _ in batches:
+            with autocast():
+                model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, (count, mean, m2) in totals.items():
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(m2 / max(count - 1, 1))
+    return model.eval()
 
 
 def tensors(dataset):
@@ -52,12 +117,15 @@ class Run:
         for name in ("rounds", "batch_size"):
             if not isinstance(self.cfg[name], int) or self.cfg[name] < 1:
                 raise ValueError(f"{name} must be a positive whole number, not {self.cfg[name]!r}")
+        if self.cfg["bn"] not in BN_SETTINGS:
+            raise ValueError(f"bn must be one of {', '.join(BN_SETTINGS)}, not {self.cfg['bn']!r}")
         self.scheme, self.train_sets, self.test_sets, self.parallel = scheme, train_sets, test_sets, parallel
         self.device = torch.device(self.cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rounds, self.batch_size, self.lr = self.cfg["rounds"], self.cfg["batch_size"], self.cfg["lr"]
         self.bytes = dict.fromkeys(LINKS, 0)
         self.flops = dict.fromkeys(PARTIES, 0)
         self.history = []
+        self.deployed = None  # each site's deployed model after the last round
         self.seconds = 0.0
         self.image_shape = tuple(train_sets[0][0][0].shape)
         self._loss_sum = torch.zeros((), device=self.device)
@@ -103,16 +171,27 @@ class Run:
         return loss
 
     def end_round(self, round, models):
-        """Close round `round` (0-based): time it, score each site's deployed model, log one line."""
+        """Close round `round` (0-based): time it, deploy and score each site's model, log one line.
+
+        `models`: each site's model as training left it. With bn="local" each site deploys a copy whose
+        BatchNorm statistics are recomputed on its own training images (`recompute_batchnorm`); training
+        goes on with the models as they were. With bn="averaged" the sites deploy `models` as they are.
+        """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - self._clock
-        entry = dict(round=round + 1, loss=None, seconds=self.seconds, auroc=None, site_auroc=None, accuracy=None)
+        entry = dict(round=round + 1, loss=None, seconds=self.seconds, auroc=None, auroc_interval=None,
+                     site_auroc=None, accuracy=None)
+        self.deployed = models
         if not self.cfg["costs_only"]:
             entry["loss"] = (self._loss_sum / max(self._num_losses, 1)).item()
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(f"loss is {entry['loss']} in round {round + 1}")
-            entry.update(self.evaluate(models))
+            if self.cfg["bn"] == "local":
+                self.deployed = [recompute_batchnorm(copy.deepcopy(model), self.batches(train_set, site, 0, shuffle=False),
+                                                     self.autocast)
+                                 for site, (model, train_set) in enumerate(zip(models, self.train_sets))]
+            entry.update(self.evaluate(self.deployed))
         self._loss_sum.zero_()
         self._num_losses = 0
         self.history.append(entry)
@@ -128,20 +207,25 @@ class Run:
         """Each site's deployed model scores that site's test set; pooled and per-site AUROC, accuracy at 0.5."""
         scores, labels = [], []
         for model, test_set in zip(models, self.test_sets):
+            training = model.training
             model.eval()
             with self.autocast():
                 logits = [model(images).float().squeeze(1).cpu()
                           for images, _ in self.batches(test_set, 0, 0, shuffle=False)]
-            model.train()
+            model.train(training)
             scores.append(torch.cat(logits))
             labels.append(tensors(test_set)[1])
         all_scores, all_labels = torch.cat(scores), torch.cat(labels)
-        return dict(auroc=auroc(all_scores, all_labels), site_auroc=[auroc(s, y) for s, y in zip(scores, labels)],
+        return dict(auroc=auroc(all_scores, all_labels), auroc_interval=auroc_interval(all_scores, all_labels),
+                    site_auroc=[auroc(s, y) for s, y in zip(scores, labels)],
                     accuracy=((all_scores > 0) == (all_labels > 0.5)).float().mean().item())
 
     def result(self, models):
+        """The run's numbers; "models" are the deployed models of the last round, one per site."""
         last = self.history[-1] if self.history else {}
-        return dict(scheme=self.scheme, auroc=last.get("auroc"), site_auroc=last.get("site_auroc"),
+        return dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
+                    auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
                     accuracy=last.get("accuracy"), loss=last.get("loss"), bytes=dict(self.bytes),
-                    flops=dict(self.flops), seconds=self.seconds, history=self.history, models=models,
-                    parallel=self.parallel, num_examples=[len(s) for s in self.train_sets])
+                    flops=dict(self.flops), seconds=self.seconds, history=self.history,
+                    models=self.deployed or models, parallel=self.parallel,
+                    num_examples=[len(s) for s in self.train_sets])

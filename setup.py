@@ -8,5 +8,5 @@ setup(
     py_modules=["densenet_split", "data", "common", "fedlearn", "splitlearn", "splitfed", "bench"],
     python_requires=">=3.10",
     install_requires=["torch", "torchvision", "numpy", "pillow"],
-    extras_require={"test": ["pytest", "scikit-learn"]},
+    extras_require={"test": ["pytest", "scikit-learn"], "plot": ["matplotlib"]},
 )

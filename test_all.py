@@ -22,7 +22,7 @@ import densenet_split as ds
 import fedlearn
 import splitfed
 import splitlearn
-from common import auroc
+from common import auroc, auroc_interval, recompute_batchnorm
 
 torch.set_num_threads(2)
 FAST = dict(rounds=2, batch_size=16, log=None, device="cpu")
@@ -282,9 +282,17 @@ def centralized_one_site(one_site):
     return fedlearn.centralized(nn.Sequential(*fresh_split()), *one_site, **FAST)
 
 
+@pytest.fixture(scope="module")
+def centralized_one_site_averaged(one_site):
+    return fedlearn.centralized(nn.Sequential(*fresh_split()), *one_site, **dict(FAST, bn="averaged"))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_with_one_site_every_scheme_is_centralized_training(scheme, one_site, centralized_one_site):
-    result = SCHEMES[scheme](*fresh_split(), *one_site, **FAST)
+@pytest.mark.parametrize("bn", ["local", "averaged"])
+def test_with_one_site_every_scheme_is_centralized_training(scheme, bn, one_site, centralized_one_site,
+                                                            centralized_one_site_averaged):
+    result = SCHEMES[scheme](*fresh_split(), *one_site, **dict(FAST, bn=bn))
+    centralized_one_site = centralized_one_site if bn == "local" else centralized_one_site_averaged
     expected = centralized_one_site["models"][0].state_dict()
     got = result["models"][0].state_dict()
     for key, value in expected.items():
@@ -343,6 +351,73 @@ def test_flop_totals_equal_centralized_training(three_sites, three_site_results)
         assert result["flops"]["client"] + result["flops"]["server"] == FAST["rounds"] * central["flops"]["server"], name
     train_sets, _ = three_sites
     assert central["bytes"]["client->server"] == sum(s.images.numel() * 4 + len(s) * 4 for s in train_sets)
+
+
+def test_local_batchnorm_statistics_are_exact_at_every_site(three_sites, three_site_results):
+    train_sets, _ = three_sites
+    for name in ("fedavg", "sl-batch", "sfv3"):
+        result = three_site_results[name]
+        for site, (deployed, train_set) in enumerate(zip(result["models"], train_sets)):
+            client_part = deployed[0]
+            with torch.no_grad():
+                conv0_output = client_part.conv0(train_set.images).double()
+            assert torch.allclose(client_part.norm0.running_mean.double(), conv0_output.mean((0, 2, 3)), atol=1e-6)
+            assert torch.allclose(client_part.norm0.running_var.double(),
+                                  conv0_output.transpose(0, 1).flatten(1).var(1), rtol=1e-5)
+            # A deeper layer, on the server side of the cut: what it sees in a train-mode pass over the site's
+            # training images in training's batches (train mode normalises with each batch's own statistics,
+            # so the deployed weights alone decide it), collected by a hook.
+            seen = []
+            model = copy.deepcopy(deployed).train()
+            deep = dict(model.named_modules())["1.features.denseblock3.denselayer5.norm1"]
+            deep.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].double()))
+            with torch.no_grad():
+                for start in range(0, len(train_set), FAST["batch_size"]):
+                    model(train_set.images[start:start + FAST["batch_size"]])
+            seen = torch.cat(seen).transpose(0, 1).flatten(1)
+            local = dict(deployed.named_modules())["1.features.denseblock3.denselayer5.norm1"]
+            assert torch.allclose(local.running_mean.double(), seen.mean(1), atol=1e-5), (name, site)
+            assert torch.allclose(local.running_var.double(), seen.var(1), rtol=1e-4, atol=1e-6), (name, site)
+
+
+def test_recompute_batchnorm_equals_one_pass_with_momentum_none_on_one_batch():
+    torch.manual_seed(0)
+    model, images = nn.Sequential(*fresh_split()), torch.rand(12, 1, 32, 32)
+    reference = copy.deepcopy(model)
+    for layer in reference.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None
+    with torch.no_grad():
+        reference.train()(images)
+    recompute_batchnorm(model, [(images, None)])
+    for (key, got), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        if "running" in key:
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), key
+
+
+def test_bn_setting_never_changes_the_trained_weights(three_sites):
+    runs = {bn: splitfed.train(*fresh_split(), *three_sites, version=2, **dict(FAST, bn=bn))
+            for bn in ("local", "averaged")}
+    for local, averaged in zip(runs["local"]["models"], runs["averaged"]["models"]):
+        for (name, a), b in zip(local.named_parameters(), averaged.parameters()):
+            assert torch.equal(a, b), name
+        buffers = [not torch.equal(a, b) for a, b in zip(local.buffers(), averaged.buffers())]
+        assert any(buffers)  # only the deployed BatchNorm statistics differ
+    assert [e["loss"] for e in runs["local"]["history"]] == [e["loss"] for e in runs["averaged"]["history"]]
+
+
+def test_auroc_interval_contains_the_estimate_and_narrows_with_more_test_images():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    scores = labels + rng.normal(0, 1.2, 60)
+    low, high = auroc_interval(scores, labels)
+    assert low < auroc(scores, labels) < high and 0 <= low and high <= 1
+    low2, high2 = auroc_interval(np.tile(scores, 4), np.tile(labels, 4))
+    assert low2 < auroc(scores, labels) < high2
+    assert (high2 - low2) < 0.7 * (high - low)  # four times the images: about half the width
+    assert auroc_interval([0.1, 0.2], [1, 1]) is None
+    assert auroc_interval(scores, labels) == (low, high)  # seeded
 
 
 def test_fedavg_is_the_hand_computed_weighted_mean():
@@ -424,6 +499,22 @@ def test_bench_smoke_all_seven_schemes_json_and_csv(tmp_path, capsys):
         assert [row["scheme"] for row in csv.DictReader(file)] == list(bench.SCHEMES)
 
 
+@pytest.mark.extras
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = bench.main(TINY + ["--rounds", "2", "--schemes", "central,sfv2", "--plot", str(tmp_path / "bench.png")])
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(row["bn"] == "local" and len(row["history"]) == 2 for row in rows)
+
+
+def test_plot_without_matplotlib_is_a_one_line_error_naming_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit) as stop:
+        bench.main(TINY + ["--plot", "out.png"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "[plot]" in err and len(err.strip().splitlines()) == 1
+
+
 def test_costs_only_predicts_exactly_what_training_counts():
     trained = bench.main(TINY)
     predicted = bench.main(TINY + ["--costs-only"])
@@ -442,7 +533,7 @@ def test_costs_only_at_paper_scale_with_bf16_halves_activations():
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds"), (["--schemes", "central,magic"], "magic"), (["--cut", "layer9"], "--cut"),
     (["--image-size", "16"], "too small"), (["--data", "/no/such/folder"], "/no/such/folder"),
-    (["--lr", "nan"], "--lr"), (["--site-sizes", "3,40"], "at least 8"),
+    (["--lr", "nan"], "--lr"), (["--site-sizes", "3,40"], "at least 8"), (["--bn", "running"], "--bn"),
 ])
 def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
