@@ -7,21 +7,25 @@ Each row: AUROC (pooled, and the range over sites), accuracy, bytes on every lin
 time and its ratio to centralized training, and an estimated deployment time (see `deployment_seconds`).
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
 import statistics
 import sys
+import time
 
 import torch
+import torch.optim.optimizer as optimizer_hooks
 from torch import nn
 
+import common
 import data
 import fedlearn
 import splitfed
 import splitlearn
 from common import BN_SETTINGS, LINKS, PARTIES
-from densenet_split import CUTS, activation_shape, cost_only, split_densenet121
+from densenet_split import CUTS, cost_only, split_densenet121
 
 SCHEMES = {
     "central": lambda client, server, *sets, **cfg: fedlearn.centralized(nn.Sequential(client, server), *sets, **cfg),
@@ -101,6 +105,9 @@ def parse_args(argv):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (halves activation bytes)")
+    parser.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
+                        help="memory layout of images, activations and convolution weights (channels-last is "
+                             "faster on this project's CPU and on GPUs; the numbers differ in the last bits)")
     parser.add_argument("--schemes", type=scheme_list, default=list(SCHEMES), metavar="LIST",
                         help=f"comma-separated subset of {','.join(SCHEMES)}")
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
@@ -110,6 +117,9 @@ def parse_args(argv):
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     parser.add_argument("--costs-only", action="store_true",
                         help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print, per scheme, training images per second, the shares of time in forward, "
+                             "backward, optimizer and transfers, and peak memory (synchronises the GPU at every step)")
     parser.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
                         help="deployment estimate: each link's bandwidth in Mbit/s")
     parser.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
@@ -121,6 +131,8 @@ def parse_args(argv):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.profile and args.costs_only:
+        parser.error("--profile times training; it cannot go with --costs-only")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -130,12 +142,92 @@ def parse_args(argv):
         parser.error("--site-sizes is for the synthetic federation, not --data")
     if args.site_sizes and args.sites and args.sites != len(args.site_sizes):
         parser.error(f"--sites {args.sites} but --site-sizes lists {len(args.site_sizes)} sites")
-    try:
-        activation_shape(args.cut, args.image_size)
-        activation_shape("norm5", args.image_size)
-    except ValueError as error:
-        parser.error(f"--image-size: {error}")
+    if args.image_size < data.MIN_IMAGE_SIZE:  # the least that leaves DenseNet-121 1x1 pixels at its last cut
+        parser.error(f"--image-size: image size {args.image_size} is too small for DenseNet-121 "
+                     f"(at least {data.MIN_IMAGE_SIZE} pixels)")
     return args, parser
+
+
+class Profile:
+    """Where one scheme's training time goes: forward passes, backward passes, optimizer steps, transfers
+    (`Run.send`) and the rest (batches, loss, bookkeeping), and peak memory. Timed with global hooks, paused
+    while a round is scored; on CUDA it synchronises at every boundary, so the run itself is slower."""
+
+    PARTS = ("forward", "backward", "optimizer", "transfers")
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.depth, self.started, self.paused = 0, None, False
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, *args):
+        self.depth += 1
+        if self.depth == 1 and not self.paused:
+            self.started = self._now()
+
+    def _stop(self, part):
+        self.depth -= 1
+        if self.depth == 0 and self.started is not None:
+            self.seconds[part] += self._now() - self.started
+            self.started = None
+
+    def _timed(self, part, function):
+        def timed(*args, **kwargs):
+            self._start()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._stop(part)
+        return timed
+
+    def _paused(self, function):
+        def paused(*args, **kwargs):
+            self.paused = True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.paused = False
+        return paused
+
+    @contextlib.contextmanager
+    def measure(self):
+        """Time everything run inside; peak memory is that of this block (GPU) or of the process (CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                open("/proc/self/clear_refs", "w").write("5")  # restart the process's peak resident memory
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(self._start),
+                   torch.nn.modules.module.register_module_forward_hook(lambda *args: self._stop("forward")),
+                   optimizer_hooks.register_optimizer_step_pre_hook(self._start),
+                   optimizer_hooks.register_optimizer_step_post_hook(lambda *args: self._stop("optimizer"))]
+        originals = torch.Tensor.backward, common.Run.send, common.Run.end_round
+        torch.Tensor.backward = self._timed("backward", torch.Tensor.backward)
+        common.Run.send = self._timed("transfers", common.Run.send)
+        common.Run.end_round = self._paused(common.Run.end_round)
+        try:
+            yield self
+        finally:
+            torch.Tensor.backward, common.Run.send, common.Run.end_round = originals
+            for handle in handles:
+                handle.remove()
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            status = open("/proc/self/status").read()
+            self.peak_bytes = int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+    def row(self, result):
+        images = result["history"][-1]["round"] * sum(result["num_examples"])
+        total = result["seconds"]
+        shares = [f"{100 * self.seconds[part] / total:.0f}%" for part in self.PARTS]
+        other = f"{100 * (1 - sum(self.seconds.values()) / total):.0f}%"
+        return [result["scheme"], f"{images / total:.1f}", *shares, other, human(self.peak_bytes, "B")]
 
 
 def load_sites(args):
@@ -143,7 +235,12 @@ def load_sites(args):
         sizes = args.site_sizes
         return data.synthetic_sites(num_sites=len(sizes) if sizes else args.sites or 3, image_size=args.image_size,
                                     site_sizes=sizes, shapes_only=args.costs_only)
-    return data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites, partition=args.partition)
+    train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites,
+                                              partition=args.partition)
+    if args.costs_only:  # counting needs the shapes only
+        train_sets, test_sets = ([data.Site(s.images.to("meta"), s.labels, s.name) for s in sets]
+                                 for sets in (train_sets, test_sets))
+    return train_sets, test_sets
 
 
 def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops):
@@ -208,7 +305,12 @@ def table(rows):
                      + [human(sum(first["bytes"].values()), "B"), human(first["flops"]["client"]),
                         human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
                         mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"])])
-    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) > 2) for i in range(len(header))]
+    return align(lines)
+
+
+def align(lines):
+    """Columns padded to their widest cell; a short line (a failed scheme) is printed as it is."""
+    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) > 2) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
                      if len(line) > 2 else "  ".join(line) for line in lines)
 
@@ -281,7 +383,7 @@ def main(argv=None):
         parser.error(str(error))
     print(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
           f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}", flush=True)
-    rows = []
+    rows, profiles = [], []
     for seed in range(args.seeds):
         for scheme in args.schemes:
             row = dict(scheme=scheme, seed=seed, bn=args.bn)
@@ -290,10 +392,15 @@ def main(argv=None):
                 client_model, server_model = split_densenet121(args.cut)
                 if args.costs_only:
                     client_model, server_model = cost_only(client_model, server_model, train_sets[0][0][0].shape)
-                result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
-                                         batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn,
-                                         device=args.device, costs_only=args.costs_only,
-                                         log=lambda line: print(line, flush=True))
+                profile = Profile(args.device)
+                with profile.measure() if args.profile else contextlib.nullcontext():
+                    result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
+                                             batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16,
+                                             bn=args.bn, device=args.device, costs_only=args.costs_only,
+                                             channels_last=args.layout == "channels-last",
+                                             log=lambda line: print(line, flush=True))
+                if args.profile:
+                    profiles.append(profile.row(result))
                 result.pop("models")
                 row.update(result)
                 row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
@@ -309,6 +416,9 @@ def main(argv=None):
     print(f"BatchNorm statistics: {args.bn}. AUROC: pooled over every site's test images, each site scored by "
           f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples.")
     print(table(rows))
+    if profiles:
+        print(f"\nwhere training time goes ({args.device}):")
+        print(align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + profiles))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")

@@ -2,9 +2,9 @@
 
 A scheme makes one `Run`, counts on it at the line where work or a transfer happens
 (`run.send(link, *tensors)`, `run.compute(party, flops)`), calls `run.end_round(models)` after each round and
-returns `run.result(models)`. With `costs_only=True` and `densenet_split.cost_only` stand-ins for the model
-parts, the same loop runs without arithmetic and counts exactly what training counts: that is how
-`bench.py --costs-only` predicts costs at any scale.
+returns `run.result(models)`. With `costs_only=True`, `densenet_split.cost_only` stand-ins for the model
+parts and images on the meta device, the same loop runs without arithmetic and counts exactly what training
+counts: that is how `bench.py --costs-only` predicts costs at any scale.
 """
 import contextlib
 import copy
@@ -21,7 +21,7 @@ from densenet_split import nbytes
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
 DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
-                costs_only=False)
+                costs_only=False, channels_last=True)
 BN_SETTINGS = ("local", "averaged")
 
 
@@ -139,24 +139,51 @@ class Run:
     def compute(self, party, flops):
         self.flops[party] += flops
 
+    def place(self, *models):
+        """Put model parts on the run's device, in training mode; channels-last where the run uses it
+        (convolutions on NHWC data are faster on this CPU and on GPUs; see README)."""
+        for model in models:
+            model.to(self.device).train()
+            if self.cfg["channels_last"]:
+                model.to(memory_format=torch.channels_last)
+
     def optimizer(self, model):
-        return torch.optim.Adam(model.parameters(), lr=self.lr)
+        """Adam for one model copy, fused (one kernel over all its weights) where the device has it.
+
+        Its state (two moments and a step count per weight) is created now, exactly as Adam creates it at its
+        first step: so that the state split learning hands on exists from the start, and weighs the same in
+        a cost-only run, where no step does arithmetic.
+        """
+        fused = self.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=fused)
+        for weight in model.parameters():
+            optimizer.state[weight] = dict(
+                step=torch.zeros((), dtype=torch.float32, device=weight.device if fused else "cpu"),
+                exp_avg=torch.zeros_like(weight, memory_format=torch.preserve_format),
+                exp_avg_sq=torch.zeros_like(weight, memory_format=torch.preserve_format))
+        return optimizer
 
     def batches(self, dataset, site, round, shuffle=True):
-        """A site's mini-batches for one round, on the device, shuffled by (seed, site, round)."""
+        """A site's mini-batches for one round, on the device, shuffled by (seed, site, round).
+
+        Images on the meta device (a cost-only run) stay there, and so do their labels.
+        """
         images, labels = tensors(dataset)
         if shuffle:
             seed = np.random.SeedSequence([self.cfg["seed"], site, round]).generate_state(1)[0]
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed)))
             images, labels = images[order], labels[order]  # one gather per round; batches below are views
-        if self.device.type == "cuda":
+        if self.cfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        device = torch.device("meta") if images.is_meta else self.device
+        if device.type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()
         # A lone last image joins the batch before it: BatchNorm cannot train on one image at 1x1 pixels.
         ends = list(range(self.batch_size, len(labels), self.batch_size)) + [len(labels)]
         if len(ends) > 1 and ends[-1] - ends[-2] == 1:
             del ends[-2]
         for start, end in zip([0] + ends[:-1], ends):
-            yield images[start:end].to(self.device, non_blocking=True), labels[start:end].to(self.device, non_blocking=True)
+            yield images[start:end].to(device, non_blocking=True), labels[start:end].to(device, non_blocking=True)
 
     def autocast(self):
         if not self.cfg["bf16"]:
@@ -165,6 +192,8 @@ class Run:
 
     def loss(self, logits, labels):
         """BCE-with-logits on one logit; the sum stays on the device until the round ends (no host sync)."""
+        if logits.is_meta:  # a cost-only run: no value to compute, only a gradient of the logits' shape
+            return logits.sum()
         loss = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), labels)
         self._loss_sum += loss.detach() * len(labels)
         self._num_losses += len(labels)

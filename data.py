@@ -134,7 +134,7 @@ def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevale
     Sites differ in size (default `SITE_SIZES`, then 96 each: 256, 160, 96, then 72 training images),
     prevalence of tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast,
     gamma, noise, blur).
-    `shapes_only`: the same sites and labels, with images that are all zeros (no pixels), for counting costs.
+    `shapes_only`: the same sites and labels, with images on the meta device (shapes, no pixels), for counting costs.
     """
     _check_image_size(image_size)
     if num_sites < 1:
@@ -151,7 +151,7 @@ def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevale
         labels[: round(size * prevalence)] = 1
         labels = rng.permutation(labels)
         if shapes_only:
-            images = torch.zeros(()).expand(size, 1, image_size, image_size)
+            images = torch.empty(size, 1, image_size, image_size, device="meta")
         else:
             images = torch.stack([_chest(rng, x, y, label == 1) for label in labels]).unsqueeze(1)
             scanner = dict(contrast=rng.uniform(0.6, 1.0), gamma=rng.uniform(0.7, 1.4),

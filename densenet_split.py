@@ -122,13 +122,13 @@ _flops_cache = {}
 def training_flops(module, input_shape, input_grad=False):
     """FLOPs of one forward + backward pass per sample, for inputs of shape (C, H, W).
 
-    Counted by `torch.utils.flop_counter.FlopCounterMode` on a weightless copy (meta device), once per
-    architecture and shape. `input_grad`: the backward also computes the gradient of the input (a server
+    Counted by `torch.utils.flop_counter.FlopCounterMode` on a weightless copy (meta device, stand-ins
+    replaced by what they stand in for), once per architecture and shape. `input_grad`: the backward also computes the gradient of the input (a server
     part does, to send it back).
     """
     key = (str(module), tuple(input_shape), input_grad)
     if key not in _flops_cache:
-        meta = copy.deepcopy(module).to("meta").eval()
+        meta = unwrap(copy.deepcopy(module).to("meta")).eval()
         x = torch.empty(1, *input_shape, device="meta", requires_grad=input_grad)
         with FlopCounterMode(display=False) as counter:
             meta(x).sum().backward()
@@ -158,33 +158,45 @@ def split_flops(client_model, server_model, image_shape):
             training_flops(server_model, output_shape(client_model, image_shape), input_grad=True))
 
 
+_shape_cache = {}
+
+
 def output_shape(module, input_shape):
-    """Shape of one sample's output for inputs of shape `input_shape`, on a weightless (meta) copy."""
-    with torch.no_grad():
-        return tuple(copy.deepcopy(module).to("meta").eval()(torch.empty(2, *input_shape, device="meta")).shape[1:])
+    """Shape of one sample's output for inputs of shape `input_shape`, on a weightless (meta) copy, once per
+    architecture and shape."""
+    key = (str(module), tuple(input_shape))
+    if key not in _shape_cache:
+        with torch.no_grad():
+            meta = copy.deepcopy(module).to("meta").eval()
+            _shape_cache[key] = tuple(meta(torch.empty(2, *input_shape, device="meta")).shape[1:])
+    return _shape_cache[key]
 
 
-class _Zeros(torch.autograd.Function):
-    """Zeros of a given shape forward, zero gradients for the input and every parameter backward."""
+class _ShapeOnly(torch.autograd.Function):
+    """Forward: an output of the right shape on the meta device (no data, no arithmetic). Backward: a meta
+    gradient for the input, none for the weights, so no gradient tensor is allocated and no optimizer step
+    has anything to do."""
 
     @staticmethod
-    def forward(ctx, x, output_shape, dtype, *parameters):
-        ctx.input_shape, ctx.input_dtype, ctx.parameters = x.shape, x.dtype, parameters
-        return x.new_zeros(len(x), *output_shape, dtype=dtype)
+    def forward(ctx, x, output_shape, dtype, *weights):
+        ctx.input_shape, ctx.input_dtype, ctx.num_weights = x.shape, x.dtype, len(weights)
+        return torch.empty(len(x), *output_shape, dtype=dtype, device="meta")
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_input = grad_output.new_zeros(ctx.input_shape, dtype=ctx.input_dtype) if ctx.needs_input_grad[0] else None
-        return (grad_input, None, None, *(torch.zeros_like(p) for p in ctx.parameters))
+        grad_input = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, device="meta") if ctx.needs_input_grad[0] else None
+        return (grad_input, None, None) + (None,) * ctx.num_weights
 
 
-class CostOnly(nn.Module):
-    """Stands in for a model part when only costs are counted (`bench.py --costs-only`).
+class StandIn(nn.Module):
+    """A model part that computes only where its work happens, and otherwise just has the right shapes.
 
-    It holds the real part, so state dicts and optimizer state weigh what they weigh in training, and its
-    output has the real output's shape and dtype; but its output is zeros and its gradients are zeros, so a
-    scheme's loop runs, and counts, exactly as in training without the arithmetic. On the meta device (where
-    `training_flops` counts) it is the real part.
+    Given real inputs and real weights it is the part itself. Given an input on the meta device (data that
+    is elsewhere) or holding meta weights (a part that is elsewhere), it returns a meta output of the real
+    output's shape and dtype, and a meta gradient for its input: the loop around it runs, and counts, as in
+    training, with no arithmetic. `bench.py --costs-only` runs every scheme with meta stand-ins on meta
+    data (`cost_only`); the state dicts and optimizer state of meta weights weigh what real ones weigh.
+    A stand-in with meta weights stays on the meta device when the model is moved.
     """
 
     def __init__(self, part, input_shape):
@@ -192,15 +204,31 @@ class CostOnly(nn.Module):
         self.part = part
         self.output_shape = output_shape(part, input_shape)
 
+    @property
+    def is_meta(self):
+        return next(self.part.parameters()).is_meta
+
+    def _apply(self, fn, recurse=True):
+        return self if self.is_meta else super()._apply(fn, recurse)
+
     def forward(self, x):
-        if x.device.type == "meta":
+        if not (x.is_meta or self.is_meta):
             return self.part(x)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        return _Zeros.apply(x, self.output_shape, dtype, *self.part.parameters())
+        dtype = next((torch.get_autocast_dtype(kind) for kind in ("cuda", "cpu") if torch.is_autocast_enabled(kind)),
+                     x.dtype)
+        return _ShapeOnly.apply(x, self.output_shape, dtype, next(self.part.parameters()))
+
+
+def unwrap(module):
+    """`module` with every `StandIn` replaced by the part it stands in for (in place)."""
+    if isinstance(module, StandIn):
+        return unwrap(module.part)
+    for name, child in module.named_children():
+        setattr(module, name, unwrap(child))
+    return module
 
 
 def cost_only(client_model, server_model, image_shape):
-    """(client, server) stand-ins that count like the real parts at no arithmetic cost."""
-    client = CostOnly(client_model, image_shape)
-    return client, CostOnly(server_model, client.output_shape)
+    """(client, server) stand-ins on the meta device: they count like the real parts at no arithmetic cost."""
+    client = StandIn(client_model.to("meta"), image_shape)
+    return client, StandIn(server_model.to("meta"), client.output_shape)

@@ -19,14 +19,19 @@ def fedavg(state_dicts, num_examples):
 
     Integer buffers (BatchNorm's `num_batches_tracked`) are averaged with the same weights and rounded to
     the nearest whole number: a count of batches the average model has, in effect, seen. (It only matters
-    for BatchNorm with momentum=None, which DenseNet does not use.) Sums run in float64.
+    for BatchNorm with momentum=None, which DenseNet does not use.) Sums run in float64, over all tensors
+    of a model at once (`torch._foreach_*`: one call per model, not one per tensor).
     """
+    if next(iter(state_dicts[0].values())).is_meta:  # a cost-only run: the average has the shapes, nothing to compute
+        return dict(state_dicts[0])
     total = sum(num_examples)
-    average = {}
-    for key, first in state_dicts[0].items():
-        mean = sum((n / total) * state_dict[key].double() for n, state_dict in zip(num_examples, state_dicts))
-        average[key] = mean.to(first.dtype) if first.is_floating_point() else mean.round().to(first.dtype)
-    return average
+    keys = list(state_dicts[0])
+    mean = torch._foreach_mul([state_dicts[0][key].double() for key in keys], num_examples[0] / total)
+    for n, state_dict in zip(num_examples[1:], state_dicts[1:]):
+        torch._foreach_add_(mean, [state_dict[key].double() for key in keys], alpha=n / total)
+    first = state_dicts[0]
+    return {key: value.to(first[key].dtype) if first[key].is_floating_point() else value.round().to(first[key].dtype)
+            for key, value in zip(keys, mean)}
 
 
 def average_models(run, models, num_examples, over_network=True):
@@ -58,7 +63,7 @@ def local_epoch(run, model, optimizer, dataset, site, round, party, flops_per_sa
 def centralized(model, train_sets, test_sets, **cfg):
     """The baseline: the sites' images pooled at the server, one model, one optimizer."""
     run = Run("central", train_sets, test_sets, parallel=True, **cfg)
-    model.to(run.device).train()
+    run.place(model)
     images, labels = zip(*map(tensors, train_sets))
     for site_images, site_labels in zip(images, labels):
         run.send("client->server", site_images, site_labels)  # the raw images, uploaded once
@@ -74,7 +79,7 @@ def centralized(model, train_sets, test_sets, **cfg):
 def train(model, train_sets, test_sets, **cfg):
     """FedAvg: one local epoch per client per round, then a weighted average of the clients' weights."""
     run = Run("fedavg", train_sets, test_sets, parallel=True, **cfg)
-    model.to(run.device).train()
+    run.place(model)
     client_models = [model] + [copy.deepcopy(model) for _ in train_sets[1:]]  # same initial weights everywhere
     optimizers = [run.optimizer(m) for m in client_models]  # each client's own Adam, kept across rounds
     num_examples = [len(s) for s in train_sets]

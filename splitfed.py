@@ -25,8 +25,7 @@ def train(client_model, server_model, train_sets, test_sets, version=1, turns="c
         raise ValueError(f"version must be one of {VERSIONS}, not {version!r}")
     name = f"sfv{version}" + ("-batch" if turns == "batch" else "")
     run = Run(name, train_sets, test_sets, parallel=version != 2, **cfg)
-    client_model.to(run.device).train()
-    server_model.to(run.device).train()
+    run.place(client_model, server_model)
     num_sites, num_examples = len(train_sets), [len(s) for s in train_sets]
     client_models = [client_model] + [copy.deepcopy(client_model) for _ in range(num_sites - 1)]
     num_servers = 1 if version == 2 else num_sites  # v1, v3: one server copy per client

@@ -56,8 +56,7 @@ def take_turns(run, train_sets, round, turns):
 def train(client_model, server_model, train_sets, test_sets, turns="client", **cfg):
     """Split learning with alternate client (turns="client") or alternate mini-batch (turns="batch") training."""
     run = Run(f"sl-{turns}", train_sets, test_sets, parallel=False, **cfg)
-    client_model.to(run.device).train()
-    server_model.to(run.device).train()
+    run.place(client_model, server_model)
     client_optimizer, server_optimizer = run.optimizer(client_model), run.optimizer(server_model)
     flops = split_flops(client_model, server_model, run.image_shape)
     deployed = [nn.Sequential(client_model, server_model)] * len(train_sets)

@@ -22,7 +22,7 @@ import densenet_split as ds
 import fedlearn
 import splitfed
 import splitlearn
-from common import auroc, auroc_interval, recompute_batchnorm
+from common import Run, auroc, auroc_interval, recompute_batchnorm
 
 torch.set_num_threads(2)
 FAST = dict(rounds=2, batch_size=16, log=None, device="cpu")
@@ -307,8 +307,9 @@ def three_site_results(three_sites):
 
 
 def same_weights(models):
-    first = models[0].state_dict()
-    return all(all(torch.equal(m.state_dict()[k], v) for k, v in first.items()) for m in models[1:])
+    """The same trained weights (each site's deployed BatchNorm statistics are its own under bn="local")."""
+    first = dict(models[0].named_parameters())
+    return all(all(torch.equal(p, first[k]) for k, p in m.named_parameters()) for m in models[1:])
 
 
 def test_three_sites_who_deploys_what(three_site_results):
@@ -472,6 +473,7 @@ def test_bf16_autocast_sends_bf16_activations_and_still_learns(one_site):
     assert np.isfinite(result["loss"]) and result["auroc"] is not None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_on_cuda_every_scheme_counts_the_same_and_trains_like_cpu(scheme, three_sites):
@@ -480,6 +482,31 @@ def test_on_cuda_every_scheme_counts_the_same_and_trains_like_cpu(scheme, three_
     assert all(p.is_cuda for model in gpu["models"] for p in model.parameters())
     assert gpu["bytes"] == cpu["bytes"] and gpu["flops"] == cpu["flops"]
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2)  # TF32 convolutions: close, not equal
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_on_cuda_training_never_waits_for_the_gpu(scheme, three_sites, monkeypatch):
+    """Any synchronising call (.item(), a copy to the host, a blocking copy) inside a round raises; the
+    scoring at the end of a round may synchronise and is let through."""
+    original = Run.end_round
+
+    def end_round(run, *args):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            original(run, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    monkeypatch.setattr(Run, "end_round", end_round)
+    client_model, server_model = (part.cuda() for part in fresh_split())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = SCHEMES[scheme](client_model, server_model, *three_sites, **dict(FAST, device="cuda", bf16=True))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert np.isfinite(result["loss"])
 
 
 # The bench
@@ -523,6 +550,58 @@ def test_costs_only_predicts_exactly_what_training_counts():
         assert costs["deploy_seconds"] == real["deploy_seconds"]
 
 
+def test_costs_only_at_ten_sites_predicts_exactly_what_training_counts():
+    ten_sites = ["--site-sizes", ",".join(["12"] * 10), "--image-size", "32", "--rounds", "1", "--batch-size", "8"]
+    trained = bench.main(ten_sites)
+    predicted = bench.main(ten_sites + ["--costs-only"])
+    for real, costs in zip(trained, predicted):
+        assert costs["bytes"] == real["bytes"] and costs["flops"] == real["flops"], real["scheme"]
+
+
+def test_costs_only_does_no_optimizer_arithmetic_and_makes_no_gradients(three_sites):
+    train_sets, test_sets = three_sites
+    meta_sets = [[data.Site(s.images.to("meta"), s.labels, s.name) for s in sets] for sets in three_sites]
+    client_model, server_model = ds.cost_only(*fresh_split(), train_sets[0].images.shape[1:])
+    optimizers = []
+    original = Run.optimizer
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Run, "optimizer", lambda run, model: optimizers.append(original(run, model)) or optimizers[-1])
+        result = splitlearn.train(client_model, server_model, *meta_sets, turns="batch", **dict(FAST, costs_only=True))
+    weights = [p for model in result["models"] for p in model.parameters()]
+    assert all(p.is_meta and p.grad is None for p in weights)  # nothing computed, no gradient tensor made
+    state = [t for optimizer in optimizers for s in optimizer.state.values() for t in s.values()]
+    assert len(optimizers) == 2 and state and all(t.is_meta for t in state)  # moments and steps: shapes only
+    assert result["bytes"]["client->client"] > 0
+
+
+def test_adam_state_made_up_front_is_the_state_adam_makes_and_trains_the_same(one_site):
+    run = Run("adam", *one_site, parallel=True, **FAST)
+    eager_model, lazy_model = fresh_split()[0], fresh_split()[0]
+    eager = run.optimizer(eager_model)
+    lazy = torch.optim.Adam(lazy_model.parameters(), lr=run.lr, fused=True)
+    for step in range(3):
+        for model, optimizer in ((eager_model, eager), (lazy_model, lazy)):
+            torch.manual_seed(step)
+            model(torch.rand(4, 1, 32, 32)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(eager_model.state_dict().values(), lazy_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(eager.state_dict()["state"].values(), lazy.state_dict()["state"].values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_profile_splits_training_time_and_reports_memory(capsys):
+    bench.main(TINY + ["--schemes", "sl-client", "--profile"])
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(next(line for line in out if line.startswith("scheme") and "images/s" in line))
+    cells = out[header + 1].split()
+    assert cells[0] == "sl-client" and float(cells[1]) > 0
+    shares = [float(cell.rstrip("%")) for cell in cells[2:7]]
+    assert all(share > 0 for share in shares[:3]) and sum(shares) == pytest.approx(100, abs=3)
+    assert float(cells[7]) > 0 and cells[8] in ("MB", "GB")  # peak memory
+
+
 def test_costs_only_at_paper_scale_with_bf16_halves_activations():
     args = ["--image-size", "224", "--site-sizes", "40,24", "--rounds", "1", "--schemes", "sl-client"]
     full, half = bench.main(args + ["--costs-only"]), bench.main(args + ["--costs-only", "--bf16"])
@@ -534,6 +613,7 @@ def test_costs_only_at_paper_scale_with_bf16_halves_activations():
     (["--rounds", "0"], "--rounds"), (["--schemes", "central,magic"], "magic"), (["--cut", "layer9"], "--cut"),
     (["--image-size", "16"], "too small"), (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--lr", "nan"], "--lr"), (["--site-sizes", "3,40"], "at least 8"), (["--bn", "running"], "--bn"),
+    (["--profile", "--costs-only"], "--profile"),
 ])
 def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
