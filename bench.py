@@ -11,8 +11,10 @@ import contextlib
 import csv
 import json
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 
 import common
 import data
+import distributed
 import fedlearn
 import splitfed
 import splitlearn
@@ -117,6 +120,15 @@ def parse_args(argv):
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     parser.add_argument("--costs-only", action="store_true",
                         help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run every party as its own process on torch.distributed: spawned here over loopback, "
+                             "or, started by torchrun, this process is one party (see README)")
+    parser.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
+                        help="--distributed: the longest a party waits for another (default: one round of all "
+                             "the parties' work at 5 GFLOP/s, plus a minute)")
+    parser.add_argument("--threads", type=positive(int), default=None, metavar="N",
+                        help="threads per process (default: torch's; with --distributed spawned here, the cores "
+                             "shared among the processes)")
     parser.add_argument("--profile", action="store_true",
                         help="also print, per scheme, training images per second, the shares of time in forward, "
                              "backward, optimizer and transfers, and peak memory (synchronises the GPU at every step)")
@@ -133,6 +145,10 @@ def parse_args(argv):
         parser.error("--device cuda: no CUDA device is available")
     if args.profile and args.costs_only:
         parser.error("--profile times training; it cannot go with --costs-only")
+    if args.distributed and (args.costs_only or args.profile):
+        parser.error("--distributed trains for real; it cannot go with --costs-only or --profile")
+    if args.distributed and args.partition != "site":
+        parser.error("--distributed: each client reads its own site; --partition iid/dirichlet pools them first")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -287,8 +303,9 @@ def auroc_cell(done):
 
 def table(rows):
     """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
+    wire = any("wire_bytes" in row for row in rows)
     header = (["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc"] + [LINK_NAMES[link] for link in LINKS]
-              + ["total", "client FLOP", "server FLOP", "wall s", "×central", "deploy s"])
+              + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"])
     lines = [header]
     for scheme in dict.fromkeys(row["scheme"] for row in rows):
         runs = [row for row in rows if row["scheme"] == scheme]
@@ -302,7 +319,9 @@ def table(rows):
                       f"{statistics.mean(sites):.2f} ({min(sites):.2f}–{max(sites):.2f})" if sites else "-",
                       mean_std([row["accuracy"] for row in done], 2)]
                      + [human(first["bytes"][link], "B") for link in LINKS]
-                     + [human(sum(first["bytes"].values()), "B"), human(first["flops"]["client"]),
+                     + [human(sum(first["bytes"].values()), "B")]
+                     + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
+                     + [human(first["flops"]["client"]),
                         human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
                         mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"])])
     return align(lines)
@@ -377,12 +396,24 @@ def write_outputs(rows, args):
 def main(argv=None):
     """Run the bench; returns the rows the table shows (one per scheme and seed)."""
     args, parser = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
+        return launch_parties(sys.argv[1:] if argv is None else argv, args, parser)
+    transport = distributed.connect(args.timeout or 1800, args.device) if args.distributed else None
+    rank = transport.rank if transport else 0
+    say = print if rank == 0 else lambda *lines, **options: None
     try:
-        train_sets, test_sets = load_sites(args)
+        train_sets, test_sets = transport.sites(lambda: load_own_site(args, rank - 1)) if transport else load_sites(args)
     except (ValueError, OSError) as error:
+        if transport:
+            distributed.stop(rank, f"{distributed.party_name(rank)}: {error}")
         parser.error(str(error))
-    print(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
-          f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}", flush=True)
+    if transport:
+        transport.timeout = args.timeout or distributed.schedule_timeout(args.cut, train_sets, test_sets)
+    say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
+        f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
+        + (f", {transport.world_size} processes" if transport else ""), flush=True)
     rows, profiles = [], []
     for seed in range(args.seeds):
         for scheme in args.schemes:
@@ -390,15 +421,19 @@ def main(argv=None):
             try:
                 torch.manual_seed(seed)
                 client_model, server_model = split_densenet121(args.cut)
+                image_shape = train_sets[0].images.shape[1:]
                 if args.costs_only:
-                    client_model, server_model = cost_only(client_model, server_model, train_sets[0][0][0].shape)
+                    client_model, server_model = cost_only(client_model, server_model, image_shape)
+                if transport:
+                    transport.scheme = scheme
+                    client_model, server_model = transport.parts(client_model, server_model, image_shape)
                 profile = Profile(args.device)
                 with profile.measure() if args.profile else contextlib.nullcontext():
                     result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
                                              batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16,
                                              bn=args.bn, device=args.device, costs_only=args.costs_only,
-                                             channels_last=args.layout == "channels-last",
-                                             log=lambda line: print(line, flush=True))
+                                             channels_last=args.layout == "channels-last", transport=transport,
+                                             log=lambda line: say(line, flush=True))
                 if args.profile:
                     profiles.append(profile.row(result))
                 result.pop("models")
@@ -406,15 +441,23 @@ def main(argv=None):
                 row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
                 if args.costs_only:
                     row["seconds"] = None
+            except distributed.PartyFailed as error:
+                distributed.stop(rank, str(error))
             except Exception as error:  # one scheme failing never loses the rows already finished
                 row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                print(f"{scheme} failed: {row['error']}", flush=True)
+                say(f"{scheme} failed: {row['error']}", flush=True)
             rows.append(row)
             add_ratios(rows)
-            write_outputs(rows, args)
+            if rank == 0:
+                write_outputs(rows, args)
+    if transport:
+        transport.close()
+        if rank != 0:
+            return rows
     print()
     print(f"BatchNorm statistics: {args.bn}. AUROC: pooled over every site's test images, each site scored by "
-          f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples.")
+          f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples."
+          + (" wire: payload bytes the processes sent (evaluation apart)." if transport else ""))
     print(table(rows))
     if profiles:
         print(f"\nwhere training time goes ({args.device}):")
@@ -423,6 +466,38 @@ def main(argv=None):
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
     return rows
+
+
+def launch_parties(argv, args, parser):
+    """`--distributed` without torchrun: every party a process on this machine; returns rank 0's rows."""
+    try:
+        num_sites = (len(data.site_names(args.data)) if args.data else
+                     len(args.site_sizes) if args.site_sizes else args.sites or 3)
+    except ValueError as error:
+        parser.error(str(error))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (num_sites + 1))
+    with tempfile.TemporaryDirectory() as folder:
+        rows_path = args.json or os.path.join(folder, "rows.json")
+        status = distributed.launch(argv, num_sites + 1, threads, rows_path)
+        if status:
+            sys.exit(status)
+        with open(rows_path) as file:
+            return json.load(file)
+
+
+def load_own_site(args, site):
+    """A client's own site in a distributed run: its images, made or read here (a folder of several sites
+    gives this client the one at its index; a folder of one site is this client's own)."""
+    if args.data is None:
+        sizes = args.site_sizes
+        train_sets, test_sets = data.synthetic_sites(num_sites=len(sizes) if sizes else args.sites or 3,
+                                                     image_size=args.image_size, site_sizes=sizes, only_site=site)
+        return train_sets[site], test_sets[site]
+    if len(data.site_names(args.data)) == 1:
+        train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size)
+        return train_sets[0], test_sets[0]
+    train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, only_site=site)
+    return train_sets[site], test_sets[site]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """What every scheme shares: the run's settings, seeded batches, the cost ledger, evaluation and AUROC.
 
 A scheme makes one `Run`, counts on it at the line where work or a transfer happens
-(`run.send(link, *tensors)`, `run.compute(party, flops)`), calls `run.end_round(models)` after each round and
-returns `run.result(models)`. With `costs_only=True`, `densenet_split.cost_only` stand-ins for the model
+(`run.send(source, destination, *tensors)`, `run.compute(party, flops)`), calls `run.end_round(models)` after
+each round and returns `run.result(models)`. A party is a client (its site's index), "server" or "aggregator". With `costs_only=True`, `densenet_split.cost_only` stand-ins for the model
 parts and images on the meta device, the same loop runs without arithmetic and counts exactly what training
 counts: that is how `bench.py --costs-only` predicts costs at any scale.
 """
@@ -21,7 +21,7 @@ from densenet_split import nbytes
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
 DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
-                costs_only=False, channels_last=True)
+                costs_only=False, channels_last=True, transport=None)
 BN_SETTINGS = ("local", "averaged")
 
 
@@ -59,44 +59,64 @@ def auroc_interval(scores, labels, level=0.95, num_resamples=2000, seed=0):
     return float(low), float(high)
 
 
-@torch.no_grad()
-def recompute_batchnorm(model, batches, autocast=contextlib.nullcontext):
-    """Set every BatchNorm's running statistics to the exact mean and unbiased variance, per channel, of
-    what that layer sees in a train-mode pass over `batches` (images, labels); the weights are untouched.
+@contextlib.contextmanager
+def batchnorm_statistics(*models):
+    """Recompute BatchNorm running statistics from the forward passes run inside the block.
 
-    The same as one pass with `momentum=None` over all the images in one batch, without needing them in
-    memory at once: each batch's mean and variance are merged into the totals exactly (Chan et al.'s
-    parallel update, in float64), weighted by the number of values, where momentum=None would weigh every
-    batch alike whatever its size. Returns `model`, in eval mode.
+    Inside, `models` are in train mode and every BatchNorm layer notes the mean and variance of what it
+    sees in each batch; on leaving, its running statistics become the exact mean and unbiased variance,
+    per channel, over all of it: the same as one pass with `momentum=None` over all the images in one
+    batch, without needing them in memory at once. The batches are pooled exactly (in float64, the
+    variance within batches plus the variance between their means), each weighted by its number of
+    values, where momentum=None would weigh every batch alike whatever its size. The weights are
+    untouched; the models are left in eval mode.
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    totals = {}
+    layers = [m for model in models for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    seen = {layer: [] for layer in layers}  # per batch: number of values per channel, variance, mean
 
-    def accumulate(layer, inputs):
-        x = inputs[0]
-        var, mean = torch.var_mean(x.float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
-        count = x.numel() // x.shape[1]
-        if layer not in totals:
-            totals[layer] = [count, mean.double(), var.double() * count]
-            return
-        total, total_mean, total_m2 = totals[layer]
-        delta = mean.double() - total_mean
-        totals[layer] = [total + count, total_mean + delta * count / (total + count),
-                         total_m2 + var.double() * count + delta ** 2 * total * count / (total + count)]
+    def note(layer, inputs):
+        x, dims = inputs[0].float(), [0, *range(2, inputs[0].dim())]
+        mean = x.mean(dims, keepdim=True)  # two passes (mean, then squares about it): exact, and on this CPU
+        variance = (x - mean).square().mean(dims)  # ten times faster than torch.var_mean
+        seen[layer].append((x.numel() // x.shape[1], variance, mean.flatten()))
 
-    hooks = [layer.register_forward_pre_hook(accumulate) for layer in layers]
-    model.train()
+    hooks = [layer.register_forward_pre_hook(note) for layer in layers]
+    for model in models:
+        model.train()
     try:
-        for images, _ in batches:
-            with autocast():
-                model(images)
+        yield
     finally:
         for hook in hooks:
             hook.remove()
-    for layer, (count, mean, m2) in totals.items():
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(m2 / max(count - 1, 1))
-    return model.eval()
+    with torch.no_grad():
+        for layer, batches in seen.items():
+            if not batches:
+                continue
+            counts = torch.tensor([count for count, _, _ in batches], dtype=torch.float64, device=layer.running_mean.device)
+            variances, means = (torch.stack([batch[i] for batch in batches]).double() for i in (1, 2))
+            total = counts.sum()
+            mean = counts @ means / total
+            sum_of_squares = counts @ variances + counts @ (means - mean) ** 2
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(sum_of_squares / max(total - 1, 1))
+    for model in models:
+        model.eval()
+
+
+@torch.no_grad()
+def recompute_batchnorm(model, batches, autocast=contextlib.nullcontext):
+    """`model` with BatchNorm statistics recomputed over `batches` of (images, labels) (`batchnorm_statistics`),
+    in eval mode."""
+    with batchnorm_statistics(model):
+        for images, _ in batches:
+            with autocast():
+                model(images)
+    return model
+
+
+def party_kind(party):
+    """"client" for a client (a site index), else the party's own name ("server", "aggregator")."""
+    return "client" if isinstance(party, int) else party
 
 
 def tensors(dataset):
@@ -132,9 +152,20 @@ class Run:
         self._num_losses = 0
         self._clock = time.perf_counter()
 
-    def send(self, link, *tensors):
-        """Count what crosses `link`: tensors, state dicts, optimizer state."""
+    def send(self, source, destination, *tensors):
+        """Count what goes from one party to another (tensors, state dicts, optimizer state) on their link,
+        and return it as the destination holds it.
+
+        In one process (a simulation) that is the same objects. With a transport (`distributed.py`, one
+        process per party) the source's process sends them and the destination's receives them, into the
+        given tensors where they are real (a state dict lands in its model) and into new ones where they are
+        placeholders; every other process gets shape-only placeholders back and carries on.
+        """
+        link = f"{party_kind(source)}->{party_kind(destination)}"
         self.bytes[link] += nbytes(tensors)
+        if self.cfg["transport"] is not None:
+            tensors = self.cfg["transport"].send(source, destination, link, tensors)
+        return tensors[0] if len(tensors) == 1 else tensors
 
     def compute(self, party, flops):
         self.flops[party] += flops
@@ -202,9 +233,8 @@ class Run:
     def end_round(self, round, models):
         """Close round `round` (0-based): time it, deploy and score each site's model, log one line.
 
-        `models`: each site's model as training left it. With bn="local" each site deploys a copy whose
-        BatchNorm statistics are recomputed on its own training images (`recompute_batchnorm`); training
-        goes on with the models as they were. With bn="averaged" the sites deploy `models` as they are.
+        `models`: each site's model as training left it; the sites deploy them as `deploy` says. With a
+        transport, the processes do this together (`distributed.Transport`): rank 0 gets the numbers.
         """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -213,14 +243,17 @@ class Run:
                      site_auroc=None, accuracy=None)
         self.deployed = models
         if not self.cfg["costs_only"]:
-            entry["loss"] = (self._loss_sum / max(self._num_losses, 1)).item()
+            transport = self.cfg["transport"]
+            entry["loss"] = transport.round_loss(self) if transport else (self._loss_sum / max(self._num_losses, 1)).item()
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(f"loss is {entry['loss']} in round {round + 1}")
-            if self.cfg["bn"] == "local":
-                self.deployed = [recompute_batchnorm(copy.deepcopy(model), self.batches(train_set, site, 0, shuffle=False),
-                                                     self.autocast)
-                                 for site, (model, train_set) in enumerate(zip(models, self.train_sets))]
-            entry.update(self.evaluate(self.deployed))
+            if transport:
+                self.deployed, scores = transport.deploy_and_score(self, models)
+            else:
+                self.deployed = self.deploy(models)
+                scores = self.score(self.deployed)
+            if scores is not None:
+                entry.update(self.metrics(*scores))
         self._loss_sum.zero_()
         self._num_losses = 0
         self.history.append(entry)
@@ -231,9 +264,18 @@ class Run:
                             f"elapsed {self.seconds:.1f}s")
         self._clock = time.perf_counter()
 
+    def deploy(self, models):
+        """What each site deploys. bn="local": a copy of its model whose BatchNorm statistics are recomputed
+        on its own training images (`recompute_batchnorm`), so training goes on with `models` untouched.
+        bn="averaged": `models` as they are."""
+        if self.cfg["bn"] == "averaged":
+            return models
+        return [recompute_batchnorm(copy.deepcopy(model), self.batches(train_set, site, 0, shuffle=False), self.autocast)
+                for site, (model, train_set) in enumerate(zip(models, self.train_sets))]
+
     @torch.no_grad()
-    def evaluate(self, models):
-        """Each site's deployed model scores that site's test set; pooled and per-site AUROC, accuracy at 0.5."""
+    def score(self, models):
+        """Each site's deployed model scores that site's test set: (scores, labels), one tensor per site."""
         scores, labels = [], []
         for model, test_set in zip(models, self.test_sets):
             training = model.training
@@ -244,6 +286,11 @@ class Run:
             model.train(training)
             scores.append(torch.cat(logits))
             labels.append(tensors(test_set)[1])
+        return scores, labels
+
+    @staticmethod
+    def metrics(scores, labels):
+        """Pooled AUROC with its interval, each site's AUROC, accuracy at a 0.5 threshold."""
         all_scores, all_labels = torch.cat(scores), torch.cat(labels)
         return dict(auroc=auroc(all_scores, all_labels), auroc_interval=auroc_interval(all_scores, all_labels),
                     site_auroc=[auroc(s, y) for s, y in zip(scores, labels)],
@@ -252,9 +299,12 @@ class Run:
     def result(self, models):
         """The run's numbers; "models" are the deployed models of the last round, one per site."""
         last = self.history[-1] if self.history else {}
-        return dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
-                    auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
-                    accuracy=last.get("accuracy"), loss=last.get("loss"), bytes=dict(self.bytes),
-                    flops=dict(self.flops), seconds=self.seconds, history=self.history,
-                    models=self.deployed or models, parallel=self.parallel,
-                    num_examples=[len(s) for s in self.train_sets])
+        result = dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
+                      auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
+                      accuracy=last.get("accuracy"), loss=last.get("loss"), bytes=dict(self.bytes),
+                      flops=dict(self.flops), seconds=self.seconds, history=self.history,
+                      models=self.deployed or models, parallel=self.parallel,
+                      num_examples=[len(s) for s in self.train_sets])
+        if self.cfg["transport"] is not None:  # the bytes that went on the wire; the deployed models, gathered
+            result.update(self.cfg["transport"].finish(self, result["models"]))
+        return result

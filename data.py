@@ -128,13 +128,14 @@ def _acquire(images, rng, contrast, gamma, noise, blur):
 
 
 def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25,
-                    shapes_only=False):
+                    shapes_only=False, only_site=None):
     """The default federation: synthetic chest X-rays, non-IID across sites, generated from `seed`.
 
     Sites differ in size (default `SITE_SIZES`, then 96 each: 256, 160, 96, then 72 training images),
     prevalence of tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast,
     gamma, noise, blur).
     `shapes_only`: the same sites and labels, with images on the meta device (shapes, no pixels), for counting costs.
+    `only_site`: make the images of that site only, the others shapes only (a client of a distributed run).
     """
     _check_image_size(image_size)
     if num_sites < 1:
@@ -150,7 +151,7 @@ def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevale
         labels = np.zeros(size, dtype=np.float32)
         labels[: round(size * prevalence)] = 1
         labels = rng.permutation(labels)
-        if shapes_only:
+        if shapes_only or only_site not in (None, site):
             images = torch.empty(size, 1, image_size, image_size, device="meta")
         else:
             images = torch.stack([_chest(rng, x, y, label == 1) for label in labels]).unsqueeze(1)
@@ -285,12 +286,22 @@ def _partition(labels, num_sites, partition, alpha, rng):
                      f"of each label; use fewer sites or a larger alpha")
 
 
+def site_names(root):
+    """The sites `folder_sites(root)` finds, in its order, without decoding an image."""
+    root = Path(root)
+    if not root.exists():
+        raise ValueError(f"data folder {root} does not exist")
+    return list(_scan_manifest(root) if root.is_file() else _scan_folder(root))
+
+
 def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0, test_fraction=0.25,
-                 alpha=0.5, cache_dir=None):
+                 alpha=0.5, cache_dir=None, only_site=None):
     """Real X-rays as sites: a folder per site, one pooled folder split into sites, or a CSV manifest.
 
     partition: "site" keeps the sites as found; "iid" or "dirichlet" (label skew, `alpha`) pools every image
     and splits the pool into `num_sites` sites. Each site gets a seeded, stratified test split.
+    `only_site`: decode the images of that site (an index) only; the others have their labels and
+    shape-only images (a client of a distributed run).
     """
     _check_image_size(image_size)
     root = Path(root)
@@ -311,7 +322,10 @@ def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0,
         groups = {f"{partition}-{k}": [pool[i] for i in part] for k, part in enumerate(parts)}
     train_sets, test_sets = [], []
     for site, (name, items) in enumerate(groups.items()):
-        images = torch.stack([load_image(path, image_size, cache_dir) for path, _ in items])
+        if only_site not in (None, site):
+            images = torch.empty(len(items), 1, image_size, image_size, device="meta")
+        else:
+            images = torch.stack([load_image(path, image_size, cache_dir) for path, _ in items])
         labels = torch.tensor([float(label) for _, label in items])
         train, test = _train_test(images, labels, name, test_fraction, np.random.default_rng([seed, site]))
         train_sets.append(train)

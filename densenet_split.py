@@ -211,6 +211,16 @@ class StandIn(nn.Module):
     def _apply(self, fn, recurse=True):
         return self if self.is_meta else super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """A state dict of meta tensors is the state of a copy that lives elsewhere: a real stand-in keeps
+        its own (in a distributed run, the copy of another site's part in a client's process)."""
+        if not self.is_meta:
+            own = self.state_dict(prefix=prefix, keep_vars=True)
+            for key, value in list(state_dict.items()):
+                if value.is_meta and key in own:
+                    state_dict[key] = own[key].detach()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x):
         if not (x.is_meta or self.is_meta):
             return self.part(x)

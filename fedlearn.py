@@ -36,17 +36,14 @@ def fedavg(state_dicts, num_examples):
 
 def average_models(run, models, num_examples, over_network=True):
     """FedAvg in place: every copy gets the weighted average of all copies' weights (its optimizer keeps
-    its state). `over_network`: the copies sit at the clients, so each uploads and downloads its weights."""
+    its state). `over_network`: copy k sits at client k, which uploads its weights and downloads the average."""
     state_dicts = [model.state_dict() for model in models]
     if over_network:
-        for state_dict in state_dicts:
-            run.send("client->aggregator", state_dict)
+        state_dicts = [run.send(site, "aggregator", state_dict) for site, state_dict in enumerate(state_dicts)]
     average = fedavg(state_dicts, num_examples)
     run.compute("aggregator", 2 * len(models) * sum(t.numel() for t in average.values()))  # a multiply, an add
-    for model in models:
-        if over_network:
-            run.send("aggregator->client", average)
-        model.load_state_dict(average)
+    for site, model in enumerate(models):
+        model.load_state_dict(run.send("aggregator", site, average) if over_network else average)
 
 
 def local_epoch(run, model, optimizer, dataset, site, round, party, flops_per_sample):
@@ -64,9 +61,8 @@ def centralized(model, train_sets, test_sets, **cfg):
     """The baseline: the sites' images pooled at the server, one model, one optimizer."""
     run = Run("central", train_sets, test_sets, parallel=True, **cfg)
     run.place(model)
-    images, labels = zip(*map(tensors, train_sets))
-    for site_images, site_labels in zip(images, labels):
-        run.send("client->server", site_images, site_labels)  # the raw images, uploaded once
+    uploads = [run.send(site, "server", *tensors(train_set)) for site, train_set in enumerate(train_sets)]
+    images, labels = zip(*uploads)  # the raw images and their labels, uploaded once
     pool = Site(torch.cat(images), torch.cat(labels), "pool")
     optimizer = run.optimizer(model)
     flops_per_sample = training_flops(model, run.image_shape)

@@ -13,19 +13,19 @@ from densenet_split import split_flops
 TURNS = ("client", "batch")
 
 
-def split_step(run, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops):
-    """One training step across the cut; `flops` = (client, server) training FLOPs per sample."""
+def split_step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops):
+    """One training step of client `site` across the cut; `flops` = (client, server) training FLOPs per sample."""
     with run.autocast():
         outputs = client_model(images)  # client: forward to the cut
-    activations = outputs.detach().requires_grad_()  # what leaves the client: no graph, no images
-    run.send("client->server", activations, labels)
+    # What leaves the client: the activations without their graph, and the labels; never the images.
+    activations, labels = run.send(site, "server", outputs.detach(), labels)
+    activations.requires_grad_()
     with run.autocast():
         loss = run.loss(server_model(activations), labels)  # server: the rest of the network and the loss
     server_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     server_optimizer.step()
-    grad_activations = activations.grad
-    run.send("server->client", grad_activations)
+    grad_activations = run.send("server", site, activations.grad)
     client_optimizer.zero_grad(set_to_none=True)
     outputs.backward(grad_activations)  # client: backward from the cut, then its own step
     client_optimizer.step()
@@ -64,8 +64,9 @@ def train(client_model, server_model, train_sets, test_sets, turns="client", **c
     for round in range(run.rounds):
         for site, images, labels in take_turns(run, train_sets, round, turns):
             if site != holder:  # hand the client part and its optimizer state to the next client
-                run.send("client->client", client_model.state_dict(), client_optimizer.state_dict()["state"])
+                run.send(holder, site, client_model.state_dict(), client_optimizer.state_dict()["state"])
                 holder = site
-            split_step(run, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops)
+            split_step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels,
+                       flops)
         run.end_round(round, deployed)
     return run.result(deployed)

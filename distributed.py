@@ -1,0 +1,449 @@
+"""Every scheme as real processes on torch.distributed: one process per party, the tensors on the wire.
+
+    python bench.py --distributed                   # every party on this machine, over loopback
+    torchrun --nnodes 4 --node-rank R --nproc-per-node 1 --master-addr SERVER --master-port 29500 \\
+        bench.py --distributed --data /my/site      # one party per machine (README: several machines)
+
+Rank 0 is the server and the aggregator (one process, two parties: no link runs between them) and hosts the
+rendezvous store; rank k + 1 is client site k. Every process runs the same scheme loop, from the unchanged
+scheme files, over the same deterministic schedule, with a `Transport` in its run: at each
+`run.send(source, destination, ...)` the source's process sends what the ledger counts and the
+destination's receives it, so sends and receives pair up by construction. The model parts a process does
+not hold, and the images of other sites, are meta-device stand-ins (`densenet_split.StandIn`): the loop
+passes over them at no cost, and each process computes only its own party's work.
+
+On the wire (gloo, point-to-point, no pickle): per transfer a length, a header (per tensor: dtype, shape,
+strides, offset) and one payload of the tensors' bytes in their own memory order, so the receiver rebuilds
+them bit for bit, channels-last included. The payload bytes are the ledger's bytes (`wire_bytes`).
+
+Evaluation (each round) is measurement, not part of the schemes' costs, and goes apart (`eval_bytes`): each
+client runs the client side of its deployed model on its images and the server the server side (for
+FedAvg the client holds all of it and sends its scores; for centralized training the server does, and the
+client sends its images); the BatchNorm statistics pass of bn="local" goes the same way over the training
+images; the loss of each round is summed at rank 0 and sent back, so that all processes stop together
+on a NaN. A party that dies or hangs stops every process within a minute with one line naming it.
+"""
+import contextlib
+import copy
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import data
+from common import LINKS, batchnorm_statistics, party_kind
+from densenet_split import StandIn, split_densenet121, training_flops, unwrap
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
+          torch.bool)
+HEARTBEAT_SECONDS, SILENT_SECONDS = 1.0, 20.0  # a party silent this long is taken for dead
+
+
+class PartyFailed(Exception):
+    """Another party died, hung or broke the protocol; the message names it."""
+
+
+def rank_of(party):
+    return party + 1 if isinstance(party, int) else 0
+
+
+def party_name(rank):
+    return "server" if rank == 0 else f"client {rank - 1}"
+
+
+def placement(scheme):
+    """Where each scheme's model lives: "client" (FedAvg: all of it), "server" (centralized) or "split"."""
+    return {"central": "server", "fedavg": "client"}.get(scheme, "split")
+
+
+def placeholder(tensor):
+    """A tensor's shape and dtype on the meta device: what a process that does not hold it carries on with."""
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+
+
+def tree_map(function, objects):
+    """`objects` (tensors in tuples, lists and dicts, as `run.send` takes them) with every tensor mapped."""
+    if isinstance(objects, torch.Tensor):
+        return function(objects)
+    if isinstance(objects, dict):
+        return {key: tree_map(function, value) for key, value in objects.items()}
+    if isinstance(objects, (list, tuple)):
+        return type(objects)(tree_map(function, value) for value in objects)
+    return objects
+
+
+def leaves(objects):
+    found = []
+    tree_map(found.append, objects)
+    return found
+
+
+def memory_order(tensor):
+    """The tensor's elements in the order they lie in memory (no copy for a dense tensor), and its strides."""
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    permuted = tensor.permute(order)
+    if not permuted.is_contiguous():  # not dense (a strided view): send it as a standard contiguous tensor
+        tensor = tensor.contiguous()
+        return tensor.reshape(-1), tensor.stride()
+    return permuted.reshape(-1), tensor.stride()
+
+
+class Transport:
+    """Point-to-point transfers between the parties of a distributed run, and its evaluation protocol."""
+
+    def __init__(self, rank, world_size, store, timeout, device):
+        self.rank, self.world_size, self.store, self.timeout = rank, world_size, store, timeout
+        self.device = torch.device(device)
+        self.scheme = None
+        self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
+        self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
+
+    # The wire
+
+    def _fail(self, peer, error):
+        """Name the party that failed first (another process may have noted it in the store) and stop."""
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        message = f"{party_name(peer)} failed ({reason})"
+        with contextlib.suppress(Exception):
+            if self.store.check(["failed"]):
+                message = self.store.get("failed").decode()
+            else:
+                self.store.set("failed", message)
+        raise PartyFailed(message)
+
+    def _send(self, peer, tensors):
+        flats = [memory_order(t.detach()) for t in tensors]
+        by_size = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())  # aligned offsets
+        offsets, offset = [0] * len(tensors), 0
+        for i in by_size:
+            offsets[i] = offset
+            offset += tensors[i].numel() * tensors[i].element_size()
+        header = [len(tensors)]
+        for t, (_, stride), start in zip(tensors, flats, offsets):
+            header += [DTYPES.index(t.dtype), t.dim(), *t.shape, *stride, start]
+        payload = [flats[i][0].view(torch.uint8) if flats[i][0].numel() else flats[i][0].new_empty(0, dtype=torch.uint8)
+                   for i in by_size]
+        payload = torch.cat(payload).cpu() if payload else torch.empty(0, dtype=torch.uint8)
+        try:
+            for message in (torch.tensor([len(header)]), torch.tensor(header), payload):
+                if len(message):
+                    dist.isend(message, peer).wait(timedelta(seconds=self.timeout))
+        except Exception as error:
+            self._fail(peer, error)
+        return len(payload)
+
+    def _recv(self, buffer, peer):
+        dist.irecv(buffer, peer).wait(timedelta(seconds=self.timeout))
+        return buffer
+
+    def _receive(self, peer, given):
+        """Receive tensors shaped like `given`: into them where they are real, into new ones where not."""
+        try:
+            length = self._recv(torch.empty(1, dtype=torch.int64), peer)
+            header = self._recv(torch.empty(int(length), dtype=torch.int64), peer).tolist()
+            if header[0] != len(given):
+                raise PartyFailed(f"protocol error: {party_name(peer)} sent {header[0]} tensors, "
+                                  f"{party_name(self.rank)} expected {len(given)}")
+            entries, at = [], 1
+            for _ in given:
+                dtype, ndim = DTYPES[header[at]], header[at + 1]
+                shape, stride = header[at + 2:at + 2 + ndim], header[at + 2 + ndim:at + 2 + 2 * ndim]
+                entries.append((dtype, shape, stride, header[at + 2 + 2 * ndim]))
+                at += 3 + 2 * ndim
+            total = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+                        for dtype, shape, _, _ in entries)
+            payload = self._recv(torch.empty(total, dtype=torch.uint8), peer) if total else None
+        except PartyFailed:
+            raise
+        except Exception as error:
+            self._fail(peer, error)
+        received = []
+        for target, (dtype, shape, stride, start) in zip(given, entries):
+            if tuple(shape) != tuple(target.shape) or dtype != target.dtype:
+                raise PartyFailed(f"protocol error: {party_name(peer)} sent {dtype} {tuple(shape)} where "
+                                  f"{party_name(self.rank)} expected {target.dtype} {tuple(target.shape)}")
+            size = torch.Size(shape).numel() * target.element_size()
+            tensor = payload[start:start + size].view(dtype).as_strided(shape, stride)
+            if target.is_meta:
+                received.append(tensor.to(self.device, non_blocking=True))
+            else:
+                with torch.no_grad():
+                    target.copy_(tensor)
+                received.append(target)
+        return received
+
+    def send(self, source, destination, link, objects):
+        """`Run.send` over the wire; `link` None for evaluation traffic (not in the ledger)."""
+        source, destination = rank_of(source), rank_of(destination)
+        if source == destination:  # the server and the aggregator share rank 0
+            return objects
+        if self.rank == source:
+            sent = self._send(destination, leaves(objects))
+            if link is None:
+                self.eval_bytes += sent
+            else:
+                self.wire_bytes[link] += sent
+        elif self.rank == destination:
+            received = iter(self._receive(source, leaves(objects)))
+            return tree_map(lambda _: next(received), objects)
+        return tree_map(placeholder, objects)
+
+    # What a process holds
+
+    def parts(self, client_model, server_model, image_shape):
+        """The scheme's two model parts as this process holds them: its own real, the others' meta stand-ins."""
+        where = placement(self.scheme)
+        client_here = (where != "server") if self.rank > 0 else (where == "server")
+        server_here = (where == "client") if self.rank > 0 else (where != "client")
+        client = StandIn(client_model if client_here else client_model.to("meta"), image_shape)
+        server = StandIn(server_model if server_here else server_model.to("meta"), client.output_shape)
+        return client, server
+
+    def halves(self, model):
+        """(client side, server side) of a deployed model, as the scheme's placement splits it."""
+        where = placement(self.scheme)
+        if where == "client":
+            return model, nn.Identity()
+        if where == "server":
+            return nn.Identity(), model
+        return model[0], model[1]
+
+    # Evaluation, at the end of every round
+
+    def _gather(self, values):
+        """Rank 0 gets every process's float64 `values` (a list), summed; the others get None."""
+        values = torch.tensor(values, dtype=torch.float64)
+        for rank in range(1, self.world_size):
+            if self.rank == rank:
+                self._send(0, [values])
+            elif self.rank == 0:
+                values += self._receive(rank, [torch.zeros_like(values)])[0]
+        return values.tolist() if self.rank == 0 else None
+
+    def _scatter(self, values):
+        """Rank 0's float64 `values` (a list) to every process."""
+        values = torch.tensor(values if self.rank == 0 else [0.0] * len(values), dtype=torch.float64)
+        for rank in range(1, self.world_size):
+            if self.rank == 0:
+                self._send(rank, [values])
+            elif self.rank == rank:
+                values = self._receive(0, [values])[0]
+        return values.tolist()
+
+    def round_loss(self, run):
+        """The round's mean training loss, the same number in every process."""
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        total = self._gather([float(run._loss_sum), run._num_losses])
+        return self._scatter([total[0] / max(total[1], 1) if self.rank == 0 else 0.0])[0]
+
+    @torch.no_grad()
+    def deploy_and_score(self, run, models):
+        """`Run.deploy` and `Run.score` across the processes: the deployed halves (real where they live),
+        and at rank 0 the scores and labels of every site's test set."""
+        deployed, scores, labels = [], [], []
+        for site, model in enumerate(models):
+            client_side, server_side = self.halves(model)
+            if run.cfg["bn"] == "local":
+                client_side, server_side = copy.deepcopy(client_side), copy.deepcopy(server_side)
+                with batchnorm_statistics(client_side, server_side):
+                    for images, _ in run.batches(run.train_sets[site], site, 0, shuffle=False):
+                        with run.autocast():
+                            outputs = self.send(site, "server", None, client_side(images))
+                            server_side(outputs)
+            training = client_side.training, server_side.training
+            client_side.eval(), server_side.eval()
+            site_scores, site_labels = [], []
+            for images, targets in run.batches(run.test_sets[site], 0, 0, shuffle=False):
+                with run.autocast():
+                    outputs, targets = self.send(site, "server", None, (client_side(images), targets))
+                    logits = server_side(outputs)
+                if self.rank == 0:
+                    site_scores.append(logits.float().squeeze(1).cpu())
+                    site_labels.append(targets.cpu())
+            client_side.train(training[0]), server_side.train(training[1])
+            if self.rank == 0:
+                scores.append(torch.cat(site_scores))
+                labels.append(torch.cat(site_labels))
+            deployed.append((client_side, server_side))
+        return deployed, (scores, labels) if self.rank == 0 else None
+
+    def finish(self, run, deployed):
+        """At the end of a scheme: rank 0 gets each site's deployed model, whole and real (the client sides
+        come from the clients), and the bytes every process sent; the others get nothing."""
+        models = []
+        for site, halves in enumerate(deployed):
+            client_side, server_side = halves if isinstance(halves, tuple) else self.halves(halves)
+            if self.rank == 0 and not isinstance(client_side, nn.Identity):
+                client_side = unwrap(copy.deepcopy(client_side).to("meta")).to_empty(device=run.device)
+            state = self.send(site, "server", None, client_side.state_dict())
+            if self.rank == 0:
+                client_side.load_state_dict(state)
+                models.append(self._whole(client_side, unwrap(server_side)))
+        wire = self._gather([self.wire_bytes[link] for link in LINKS] + [self.eval_bytes])
+        self.wire_bytes, self.eval_bytes = dict.fromkeys(LINKS, 0), 0
+        if self.rank != 0:
+            return dict(models=[])
+        return dict(models=models, wire_bytes=dict(zip(LINKS, map(int, wire[:-1]))), eval_bytes=int(wire[-1]))
+
+    def _whole(self, client_side, server_side):
+        """The deployed model as the simulation returns it."""
+        where = placement(self.scheme)
+        if where == "client":
+            return client_side
+        if where == "server":
+            return server_side
+        return nn.Sequential(client_side, server_side)
+
+    # Setup
+
+    def sites(self, load_own_site):
+        """(train_sets, test_sets) as this process holds them: its own site real (`load_own_site()` returns
+        its (train, test) sets), every other site shape-only, of the sizes its client reports."""
+        own = load_own_site() if self.rank > 0 else None
+        table = [0.0] * 5 * (self.world_size - 1)  # per site: training images, test images, image shape
+        for rank in range(1, self.world_size):
+            if self.rank == rank:
+                self._send(0, [torch.tensor([len(own[0]), len(own[1]), *own[0].images.shape[1:]])])
+            elif self.rank == 0:
+                table[5 * rank - 5:5 * rank] = self._receive(rank, [torch.zeros(5, dtype=torch.int64)])[0].tolist()
+        table = self._scatter(table)
+        train_sets, test_sets = [], []
+        for site in range(self.world_size - 1):
+            if site == self.rank - 1:
+                train_sets.append(own[0])
+                test_sets.append(own[1])
+                continue
+            num_train, num_test, *image_shape = map(int, table[5 * site:5 * site + 5])
+            for sets, size in ((train_sets, num_train), (test_sets, num_test)):
+                sets.append(data.Site(torch.empty(size, *image_shape, device="meta"), torch.empty(size, device="meta"),
+                                      f"site-{site}"))
+        return train_sets, test_sets
+
+    def close(self):
+        """The end of a clean run: stop watching, and let rank 0 (the store's host) go last."""
+        self.watchdog.stop()
+        self.store.set(f"done/{self.rank}", "1")
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class Watchdog(threading.Thread):
+    """Beats every second in the store and watches the other parties' beats: a party silent for
+    `SILENT_SECONDS` (killed, or its machine gone) or one that noted a failure stops this process with one
+    line naming the party. A party that is alive but stuck is caught by the per-operation timeout."""
+
+    def __init__(self, store, rank, world_size):
+        super().__init__(daemon=True)
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.stopped = threading.Event()
+
+    def stop(self):
+        self.stopped.set()
+        self.join()
+
+    def run(self):
+        beats = {rank: (-1, time.monotonic()) for rank in range(self.world_size) if rank != self.rank}
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                self.store.add(f"alive/{self.rank}", 1)
+                if self.store.check(["failed"]):
+                    stop(self.rank, self.store.get("failed").decode())
+                for rank, (count, since) in beats.items():
+                    now, latest = time.monotonic(), self.store.add(f"alive/{rank}", 0)
+                    if latest != count:
+                        beats[rank] = (latest, now)
+                    elif now - since > SILENT_SECONDS and not self.store.check([f"done/{rank}"]):
+                        message = f"{party_name(rank)} failed (silent for {SILENT_SECONDS:.0f} s)"
+                        self.store.set("failed", message)
+                        stop(self.rank, message)
+            except Exception:  # the store is gone: its host, the server, is
+                if not self.stopped.is_set():
+                    stop(self.rank, "server failed (its rendezvous store is gone)")
+
+
+_stopping = threading.Lock()
+
+
+def stop(rank, message):
+    """Leave now, with one line; the server (host of the store) lingers so that the others can read why."""
+    if not _stopping.acquire(blocking=False):  # the other thread is already on its way out
+        threading.Event().wait()
+    print(f"bench.py: error: {message}", file=sys.stderr, flush=True)
+    if rank == 0:
+        time.sleep(3 * HEARTBEAT_SECONDS)
+    os._exit(1)
+
+
+def connect(timeout, device):
+    """Join the run as the party that RANK names (torchrun or `launch` set RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT); rank 0 hosts the rendezvous store, unless torchrun's agent does."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
+    store = dist.distributed_c10d._get_default_store()
+    transport = Transport(rank, world_size, store, timeout, device)
+    transport.watchdog = Watchdog(store, rank, world_size)
+    transport.watchdog.start()
+    return transport
+
+
+def schedule_timeout(cut, train_sets, test_sets):
+    """The longest a party may wait for another, generously: one round of every party's work (training,
+    and for bn="local" the statistics pass and scoring: about 1.5 times the training FLOPs) at 5 GFLOP/s,
+    plus a minute."""
+    with torch.device("meta"):
+        model = nn.Sequential(*split_densenet121(cut))
+    per_image = training_flops(model, tuple(train_sets[0].images.shape[1:]))
+    images = sum(len(s) for s in train_sets) + sum(len(s) for s in test_sets)
+    return 60 + 1.5 * per_image * images / 5e9
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(argv, num_parties, threads, rows_path):
+    """Run `bench.py argv` as `num_parties` processes on this machine over loopback, `threads` threads each.
+    Rank 0 prints the table and writes the rows to `rows_path`. Returns the exit status: 0, or 1 after one
+    line naming the party that failed."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        parties = []
+        for rank in range(num_parties):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_parties),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+            errors = open(os.path.join(folder, f"{rank}.err"), "w+")
+            process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "bench.py"), *argv,
+                                        "--json", rows_path], env=env, stderr=errors,
+                                       stdout=None if rank == 0 else subprocess.DEVNULL)
+            parties.append((process, errors))
+        print("parties: " + ", ".join(f"{party_name(rank)} pid {process.pid}" for rank, (process, _) in enumerate(parties)),
+              flush=True)
+        deadline = None
+        while any(process.poll() is None for process, _ in parties):
+            if deadline is None and any(process.poll() for process, _ in parties):
+                deadline = time.monotonic() + 60  # one failed: the others stop by themselves, or are stopped
+            if deadline is not None and time.monotonic() > deadline:
+                for process, _ in parties:
+                    process.kill()
+            time.sleep(0.2)
+        if not any(process.returncode for process, _ in parties):
+            return 0
+        lines = []
+        for process, errors in parties:
+            errors.seek(0)
+            lines += [line.strip() for line in errors if line.startswith("bench.py: error:")]
+        print(lines[0] if lines else "bench.py: error: a party failed with exit status "
+              f"{next(p.returncode for p, _ in parties if p.returncode)}", file=sys.stderr, flush=True)
+        return 1
