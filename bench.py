@@ -116,6 +116,9 @@ def parse_args(argv):
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
     parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
+    parser.add_argument("--save", metavar="DIR",
+                        help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, with model.json) "
+                             "and DIR/results.json with every round's history, as each scheme ends")
     parser.add_argument("--plot", metavar="PATH.png",
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     parser.add_argument("--costs-only", action="store_true",
@@ -145,6 +148,8 @@ def parse_args(argv):
         parser.error("--device cuda: no CUDA device is available")
     if args.profile and args.costs_only:
         parser.error("--profile times training; it cannot go with --costs-only")
+    if args.save and args.costs_only:
+        parser.error("--save keeps trained models; --costs-only trains none")
     if args.distributed and (args.costs_only or args.profile):
         parser.error("--distributed trains for real; it cannot go with --costs-only or --profile")
     if args.distributed and args.partition != "site":
@@ -369,6 +374,24 @@ def add_ratios(rows):
         row["ratio"] = row["seconds"] / central[row["seed"]] if row.get("seconds") and row["seed"] in central else None
 
 
+def save_models(result, train_sets, args, seed):
+    """Each site's deployed model as {"client": state dict, "server": state dict}, the parts of
+    `split_densenet121(cut)`, and beside them model.json: what it takes to load and use them."""
+    folder = os.path.join(args.save, result["scheme"] + (f"-seed{seed}" if args.seeds > 1 else ""))
+    os.makedirs(folder, exist_ok=True)
+    for site, model in enumerate(result["models"]):
+        client_model, server_model = model
+        torch.save({"client": client_model.state_dict(), "server": server_model.state_dict()},
+                   os.path.join(folder, f"site-{site}.pt"))
+    info = dict(scheme=result["scheme"], seed=seed, cut=args.cut, bn=args.bn, image_size=args.image_size,
+                in_channels=int(train_sets[0].images.shape[1]), num_classes=1,
+                sites=[train_set.name for train_set in train_sets],
+                files=[f"site-{site}.pt" for site in range(len(result["models"]))],
+                auroc=result["auroc"], site_auroc=result["site_auroc"])
+    with open(os.path.join(folder, "model.json"), "w") as file:
+        json.dump(info, file, indent=1)
+
+
 def write_outputs(rows, args):
     """Rewrite --json and --csv with every row so far, so that nothing finished is lost."""
     if args.json:
@@ -411,6 +434,8 @@ def main(argv=None):
         parser.error(str(error))
     if transport:
         transport.timeout = args.timeout or distributed.schedule_timeout(args.cut, train_sets, test_sets)
+    if args.save and rank == 0:
+        os.makedirs(args.save, exist_ok=True)
     say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
         f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
@@ -436,6 +461,8 @@ def main(argv=None):
                                              log=lambda line: say(line, flush=True))
                 if args.profile:
                     profiles.append(profile.row(result))
+                if args.save and rank == 0:
+                    save_models(result, train_sets, args, seed)
                 result.pop("models")
                 row.update(result)
                 row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
@@ -450,6 +477,9 @@ def main(argv=None):
             add_ratios(rows)
             if rank == 0:
                 write_outputs(rows, args)
+                if args.save:
+                    with open(os.path.join(args.save, "results.json"), "w") as file:
+                        json.dump(rows, file, indent=1)
     if transport:
         transport.close()
         if rank != 0:

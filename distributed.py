@@ -102,7 +102,7 @@ class Transport:
     def __init__(self, rank, world_size, store, timeout, device):
         self.rank, self.world_size, self.store, self.timeout = rank, world_size, store, timeout
         self.device = torch.device(device)
-        self.scheme = None
+        self.scheme, self.last_client = None, 0
         self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
         self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
 
@@ -182,6 +182,8 @@ class Transport:
 
     def send(self, source, destination, link, objects):
         """`Run.send` over the wire; `link` None for evaluation traffic (not in the ledger)."""
+        if link == "client->server":
+            self.last_client = source  # in split learning, the client that holds the client part now
         source, destination = rank_of(source), rank_of(destination)
         if source == destination:  # the server and the aggregator share rank 0
             return objects
@@ -250,10 +252,16 @@ class Transport:
         """`Run.deploy` and `Run.score` across the processes: the deployed halves (real where they live),
         and at rank 0 the scores and labels of every site's test set."""
         deployed, scores, labels = [], [], []
+        # Split learning's one client part is, in the simulation, the same object at every site; here each
+        # client holds a copy, up to date at the client that trained last, which sends it to the others.
+        shared = len(models) > 1 and all(self.halves(model)[0] is self.halves(models[0])[0] for model in models)
         for site, model in enumerate(models):
             client_side, server_side = self.halves(model)
             if run.cfg["bn"] == "local":
                 client_side, server_side = copy.deepcopy(client_side), copy.deepcopy(server_side)
+            if shared and site != self.last_client:
+                self.send(self.last_client, site, None, client_side.state_dict())
+            if run.cfg["bn"] == "local":
                 with batchnorm_statistics(client_side, server_side):
                     for images, _ in run.batches(run.train_sets[site], site, 0, shuffle=False):
                         with run.autocast():
@@ -423,6 +431,7 @@ def launch(argv, num_parties, threads, rows_path):
         for rank in range(num_parties):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_parties),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also in a network namespace of its own
             errors = open(os.path.join(folder, f"{rank}.err"), "w+")
             process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "bench.py"), *argv,
                                         "--json", rows_path], env=env, stderr=errors,

@@ -3,8 +3,14 @@ hand-computed averages, shape arithmetic and torch's own FLOP counter."""
 import copy
 import csv
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -636,3 +642,99 @@ def test_a_failing_scheme_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
     assert rows[0]["ratio"] == rows[0]["seconds"] / rows[2]["seconds"]  # central ran last: sfv3 still gets its ratio
     assert "failed: FloatingPointError: loss is nan" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 3
+
+
+# Real processes (distributed.py)
+
+DISTRIBUTED = ["--site-sizes", "16,12,10", "--image-size", "32", "--rounds", "2", "--batch-size", "8", "--threads", "1"]
+ROOT = os.geteuid() == 0 and all(shutil.which(tool) for tool in ("unshare", "ip"))
+
+
+@pytest.fixture(scope="module")
+def distributed_and_simulated(tmp_path_factory):
+    """Every scheme as four processes (server, three clients) and as the simulation, one thread each."""
+    folder = tmp_path_factory.mktemp("runs")
+    try:
+        distributed = bench.main(DISTRIBUTED + ["--distributed", "--save", str(folder / "distributed")])
+        simulated = bench.main(DISTRIBUTED + ["--save", str(folder / "simulated")])
+    finally:
+        torch.set_num_threads(2)
+    return distributed, simulated, folder
+
+
+def test_distributed_run_equals_the_simulation_bit_for_bit(distributed_and_simulated):
+    distributed, simulated, folder = distributed_and_simulated
+    assert [row["scheme"] for row in distributed] == list(bench.SCHEMES) and not any(r.get("error") for r in distributed)
+    for real, simulation in zip(distributed, simulated):
+        name = real["scheme"]
+        for key in ("auroc", "auroc_interval", "site_auroc", "accuracy", "bytes", "flops"):
+            assert real[key] == (list(simulation[key]) if key == "auroc_interval" else simulation[key]), (name, key)
+        assert real["wire_bytes"] == real["bytes"], name  # what went on the wire is what the ledger counts
+        assert real["loss"] == pytest.approx(simulation["loss"], rel=1e-6)
+        for site in range(3):
+            got = torch.load(folder / "distributed" / name / f"site-{site}.pt", weights_only=True)
+            expected = torch.load(folder / "simulated" / name / f"site-{site}.pt", weights_only=True)
+            for part in ("client", "server"):
+                assert got[part].keys() == expected[part].keys()
+                for key, value in expected[part].items():
+                    assert torch.equal(got[part][key], value), (name, site, part, key)
+
+
+def in_private_network(script, bandwidth_mbit=None):
+    """Run a shell script in a network namespace of its own (only loopback, counters for us alone)."""
+    # A small bucket (and packets to fit it): a transfer waits its full time even after an idle spell.
+    shaping = (f"ip link set lo mtu 1500 && tc qdisc add dev lo root tbf rate {bandwidth_mbit}mbit burst 16kb "
+               f"latency 5s && " if bandwidth_mbit else "")
+    return subprocess.run(["unshare", "--net", "sh", "-c", f"ip link set lo up && {shaping}{script}"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
+
+
+def loopback_bytes_sent(run_bench):
+    return f"""read_tx() {{ awk '/lo:/ {{print $10}}' /proc/net/dev; }}
+before=$(read_tx); {run_bench} >&2; after=$(read_tx); echo $((after - before))"""
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root, unshare and ip for a private loopback")
+def test_bytes_measured_on_the_wire_are_the_ledger_plus_under_ten_percent(tmp_path):
+    rows = tmp_path / "rows.json"
+    done = in_private_network(loopback_bytes_sent(
+        f"{sys.executable} bench.py {' '.join(DISTRIBUTED)} --schemes sl-client,sfv1 --distributed --json {rows}"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = int(done.stdout.split()[-1])
+    ledger = sum(sum(row["bytes"].values()) for row in json.loads(rows.read_text()))
+    evaluation = sum(row["eval_bytes"] for row in json.loads(rows.read_text()))
+    assert ledger <= measured - evaluation <= 1.10 * ledger, (measured, ledger, evaluation)
+
+
+def test_a_killed_client_stops_every_party_within_a_minute_with_one_line():
+    argv = DISTRIBUTED + ["--rounds", "30", "--schemes", "sl-client", "--distributed"]
+    launcher = subprocess.Popen([sys.executable, "bench.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=Path(__file__).parent)
+    pids = dict(re.findall(r"(client \d+|server) pid (\d+)", launcher.stdout.readline()))
+    for line in launcher.stdout:
+        if "round 1/30" in line:
+            break
+    os.kill(int(pids["client 1"]), signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = launcher.communicate(timeout=90)
+    assert launcher.returncode == 1 and time.monotonic() - killed < 60
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "client 1 failed" in err, err
+    for pid in pids.values():  # no party left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+
+
+@pytest.mark.skipif(not (ROOT and shutil.which("tc")), reason="needs root, unshare, ip and tc")
+def test_under_a_bandwidth_limit_split_learning_takes_the_time_the_deployment_model_says(tmp_path):
+    argv = ["--site-sizes", "16,12", "--image-size", "64", "--rounds", "1", "--batch-size", "8", "--threads", "1",
+            "--schemes", "sl-client", "--distributed", "--bandwidth", "40"]
+    seconds = {}
+    for limit in (None, 40):
+        rows = tmp_path / f"{limit}.json"
+        done = in_private_network(f"{sys.executable} bench.py {' '.join(argv)} --json {rows}", limit)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seconds[limit] = json.loads(rows.read_text())[0]["seconds"]
+    row = json.loads(rows.read_text())[0]
+    modelled = sum(row["bytes"].values()) * 8 / 40e6  # sequential turns: every byte in turn, at 40 Mbit/s
+    measured = seconds[40] - seconds[None]
+    assert 0.7 * modelled < measured < 1.5 * modelled, (measured, modelled)
