@@ -25,10 +25,11 @@ import common
 import data
 import distributed
 import fedlearn
+import privacy
 import splitfed
 import splitlearn
 from common import BN_SETTINGS, LINKS, PARTIES
-from densenet_split import CUTS, cost_only, split_densenet121
+from densenet_split import CUTS, cost_only, label_private, split_densenet121
 
 SCHEMES = {
     "central": lambda client, server, *sets, **cfg: fedlearn.centralized(nn.Sequential(client, server), *sets, **cfg),
@@ -39,6 +40,8 @@ SCHEMES = {
     "sfv2": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=2, **cfg),
     "sfv3": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=3, **cfg),
 }
+SPLIT_SCHEMES = ("sl-client", "sl-batch", "sfv1", "sfv2", "sfv3")
+SENDS = {"central": "images", "fedavg": "weights"}  # what leaves a site; the split schemes send activations
 LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
               "client->aggregator": "c->agg", "aggregator->client": "agg->c"}
 
@@ -116,6 +119,15 @@ def parse_args(argv):
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
     parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
+    parser.add_argument("--label-private", action="store_true",
+                        help="split schemes keep the classifier head and the loss at the client (U-shaped): "
+                             "labels never leave a site")
+    parser.add_argument("--attack", action="store_true",
+                        help="also run a reconstruction attack on each split scheme's activations (a decoder "
+                             "trained on another site's images, 1000 steps; about 10 s a scheme at 48 px on CPU)")
+    parser.add_argument("--cuts-sweep", action="store_true",
+                        help="after the run, the server's view at every cut of one trained model (the first "
+                             "split scheme's): dCor², and with --attack the reconstruction")
     parser.add_argument("--save", metavar="DIR",
                         help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, with model.json) "
                              "and DIR/results.json with every round's history, as each scheme ends")
@@ -148,6 +160,11 @@ def parse_args(argv):
         parser.error("--device cuda: no CUDA device is available")
     if args.profile and args.costs_only:
         parser.error("--profile times training; it cannot go with --costs-only")
+    if args.costs_only and (args.attack or args.cuts_sweep):
+        parser.error("--attack and --cuts-sweep need trained models; --costs-only trains none")
+    if args.distributed and (args.label_private or args.attack or args.cuts_sweep):
+        parser.error("--distributed runs the schemes as they are: --label-private, --attack and --cuts-sweep "
+                     "run in the simulation")
     if args.save and args.costs_only:
         parser.error("--save keeps trained models; --costs-only trains none")
     if args.distributed and (args.costs_only or args.profile):
@@ -310,7 +327,8 @@ def table(rows):
     """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
     wire = any("wire_bytes" in row for row in rows)
     header = (["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc"] + [LINK_NAMES[link] for link in LINKS]
-              + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"])
+              + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"]
+              + ["labels", "dCor² (shuf.)"])
     lines = [header]
     for scheme in dict.fromkeys(row["scheme"] for row in rows):
         runs = [row for row in rows if row["scheme"] == scheme]
@@ -328,7 +346,9 @@ def table(rows):
                      + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
                      + [human(first["flops"]["client"]),
                         human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
-                        mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"])])
+                        mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"]),
+                        "leave" if first.get("privacy", {}).get("labels_leave") else
+                        ("stay" if first.get("privacy") else "-"), privacy_cell(first)])
     return align(lines)
 
 
@@ -374,6 +394,82 @@ def add_ratios(rows):
         row["ratio"] = row["seconds"] / central[row["seed"]] if row.get("seconds") and row["seed"] in central else None
 
 
+def what_the_server_learns(scheme, models, train_sets, args, say):
+    """A scheme's privacy: what leaves a site, whether labels do, and for the split schemes how much of each
+    site's training images the activations it sends still carry (dCor², and shuffled pairs: 0 means nothing);
+    with --attack a reconstruction of site 0's images from site 1's, with --label-private the label leak."""
+    found = dict(sends=SENDS.get(scheme, "activations"),
+                 labels_leave=scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private))
+    if scheme not in SPLIT_SCHEMES or models is None:
+        return found
+    leaks = [privacy.leakage(model[0], train_set.images, args.batch_size) for model, train_set in zip(models, train_sets)]
+    found.update(dcor=[leak["dcor"] for leak in leaks], dcor_shuffled=[leak["dcor_shuffled"] for leak in leaks])
+    if args.attack and len(train_sets) > 1:
+        say(f"{scheme}: reconstruction attack at {args.cut}", flush=True)
+        found["attack"] = privacy.reconstruction_attack(models[0][0], train_sets[1].images, train_sets[0].images,
+                                                        args.batch_size)
+    if args.label_private:
+        found["label_leak"] = [privacy.label_leak(model[0], model[1], train_set.images, train_set.labels, args.batch_size)
+                               for model, train_set in zip(models, train_sets)]
+    return found
+
+
+def privacy_cell(row):
+    """dCor² at the cut, mean over sites, with the shuffled pairs' value; or what the scheme sends instead."""
+    found = row.get("privacy")
+    if not found:
+        return "-"
+    if "dcor" not in found:
+        return found["sends"]
+    return f"{statistics.mean(found['dcor']):.2f} ({statistics.mean(found['dcor_shuffled']):.2f})"
+
+
+def privacy_table(rows):
+    lines = [["scheme", "sends", "labels leave", "dCor² (shuffled)", "SSIM (floor)", "PSNR dB (floor)",
+              "label leak AUROC norm / cos"]]
+    for row in rows:
+        found = row.get("privacy")
+        if not found or row["seed"] != rows[0]["seed"]:
+            continue
+        attack, leak = found.get("attack"), found.get("label_leak")
+        lines.append([row["scheme"], found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row),
+                      f"{attack['ssim']:.3f} ({attack['ssim_floor']:.3f})" if attack else "-",
+                      f"{attack['psnr']:.1f} ({attack['psnr_floor']:.1f})" if attack else "-",
+                      " / ".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))
+                      if leak else "-"])
+    return align(lines)
+
+
+def cuts_table(cuts):
+    attack = "ssim" in cuts[0]
+    lines = [["cut", "dCor²", "shuffled"] + (["SSIM", "floor", "PSNR dB", "floor"] if attack else [])]
+    for row in cuts:
+        lines.append([row["cut"], f"{row['dcor']:.3f}", f"{row['dcor_shuffled']:.3f}"]
+                     + ([f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}", f"{row['psnr']:.1f}",
+                         f"{row['psnr_floor']:.1f}"] if attack else []))
+    return align(lines)
+
+
+def plot_cuts(cuts, path):
+    """dCor² (and reconstruction SSIM over its floor) at every cut."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(8, 3.6))
+    names = [row["cut"] for row in cuts]
+    axes.plot(names, [row["dcor"] for row in cuts], marker="o", label="dCor² (images, activations)")
+    axes.plot(names, [row["dcor_shuffled"] for row in cuts], linestyle=":", label="dCor², shuffled pairs")
+    if "ssim" in cuts[0]:
+        axes.plot(names, [row["ssim"] - row["ssim_floor"] for row in cuts], marker="s", label="SSIM above the floor")
+    axes.set(xlabel="cut", ylabel="value", title="what the activations at each cut carry")
+    axes.tick_params(axis="x", rotation=45)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    pyplot.close(figure)
+
+
 def save_models(result, train_sets, args, seed):
     """Each site's deployed model as {"client": state dict, "server": state dict}, the parts of
     `split_densenet121(cut)`, and beside them model.json: what it takes to load and use them."""
@@ -385,6 +481,7 @@ def save_models(result, train_sets, args, seed):
                    os.path.join(folder, f"site-{site}.pt"))
     info = dict(scheme=result["scheme"], seed=seed, cut=args.cut, bn=args.bn, image_size=args.image_size,
                 in_channels=int(train_sets[0].images.shape[1]), num_classes=1,
+                label_private=args.label_private and result["scheme"] in SPLIT_SCHEMES,
                 sites=[train_set.name for train_set in train_sets],
                 files=[f"site-{site}.pt" for site in range(len(result["models"]))],
                 auroc=result["auroc"], site_auroc=result["site_auroc"])
@@ -401,7 +498,7 @@ def write_outputs(rows, args):
         columns = (["scheme", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
                     "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
-                   + ["seconds", "ratio", "deploy_seconds", "error"])
+                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "error"])
         with open(args.csv, "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(columns)
@@ -413,7 +510,10 @@ def write_outputs(rows, args):
                                  max(sites, default=None), row.get("accuracy")]
                                 + [row.get("bytes", {}).get(link) for link in LINKS]
                                 + [row.get("flops", {}).get(party) for party in PARTIES]
-                                + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"), row.get("error")])
+                                + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"),
+                                   row.get("privacy", {}).get("labels_leave"),
+                                   *(statistics.mean(row["privacy"][key]) if "dcor" in row.get("privacy", {}) else None
+                                     for key in ("dcor", "dcor_shuffled")), row.get("error")])
 
 
 def main(argv=None):
@@ -439,7 +539,7 @@ def main(argv=None):
     say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
         f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
-    rows, profiles = [], []
+    rows, profiles, sweep = [], [], None
     for seed in range(args.seeds):
         for scheme in args.schemes:
             row = dict(scheme=scheme, seed=seed, bn=args.bn)
@@ -447,6 +547,8 @@ def main(argv=None):
                 torch.manual_seed(seed)
                 client_model, server_model = split_densenet121(args.cut)
                 image_shape = train_sets[0].images.shape[1:]
+                if args.label_private and scheme in SPLIT_SCHEMES:
+                    client_model, server_model = label_private(client_model, server_model)
                 if args.costs_only:
                     client_model, server_model = cost_only(client_model, server_model, image_shape)
                 if transport:
@@ -463,6 +565,10 @@ def main(argv=None):
                     profiles.append(profile.row(result))
                 if args.save and rank == 0:
                     save_models(result, train_sets, args, seed)
+                trained = None if args.costs_only or transport else result["models"]
+                result["privacy"] = what_the_server_learns(scheme, trained, train_sets, args, say)
+                if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
+                    sweep = scheme, result["models"][0]
                 result.pop("models")
                 row.update(result)
                 row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
@@ -489,6 +595,17 @@ def main(argv=None):
           f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples."
           + (" wire: payload bytes the processes sent (evaluation apart)." if transport else ""))
     print(table(rows))
+    if args.attack or args.label_private:
+        print("\nwhat the server can learn, mean over sites:")
+        print(privacy_table(rows))
+    if sweep is not None:
+        scheme, (client_model, server_model) = sweep
+        print(f"\nthe server's view at every cut of {scheme}'s model (site 0's training images"
+              f"{'; the attacker: site 1' if args.attack else ''}):")
+        cuts = privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size, attack=args.attack, log=None)
+        print(cuts_table(cuts))
+        if args.plot:
+            plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png")
     if profiles:
         print(f"\nwhere training time goes ({args.device}):")
         print(align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + profiles))

@@ -114,6 +114,15 @@ def recompute_batchnorm(model, batches, autocast=contextlib.nullcontext):
     return model
 
 
+def batch_bounds(num_examples, batch_size):
+    """(start, end) of each mini-batch. A lone last example joins the batch before it: BatchNorm cannot
+    train on one image at 1x1 pixels."""
+    ends = list(range(batch_size, num_examples, batch_size)) + [num_examples]
+    if len(ends) > 1 and ends[-1] - ends[-2] == 1:
+        del ends[-2]
+    return list(zip([0] + ends[:-1], ends))
+
+
 def party_kind(party):
     """"client" for a client (a site index), else the party's own name ("server", "aggregator")."""
     return "client" if isinstance(party, int) else party
@@ -209,11 +218,7 @@ class Run:
         device = torch.device("meta") if images.is_meta else self.device
         if device.type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()
-        # A lone last image joins the batch before it: BatchNorm cannot train on one image at 1x1 pixels.
-        ends = list(range(self.batch_size, len(labels), self.batch_size)) + [len(labels)]
-        if len(ends) > 1 and ends[-1] - ends[-2] == 1:
-            del ends[-2]
-        for start, end in zip([0] + ends[:-1], ends):
+        for start, end in batch_bounds(len(labels), self.batch_size):
             yield images[start:end].to(device, non_blocking=True), labels[start:end].to(device, non_blocking=True)
 
     def autocast(self):

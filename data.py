@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 CLASS_NAMES = {"0": 0, "normal": 0, "negative": 0, "neg": 0, "healthy": 0,
                "1": 1, "tb": 1, "positive": 1, "pos": 1, "tuberculosis": 1, "abnormal": 1}
 LESION_STRENGTH = (0.15, 0.5)  # opacity over the lung field: low end hard to see, high end obvious
@@ -179,18 +179,84 @@ def _to_gray(image, path):
     return ((pixels - low) / (high - low) if high > low else pixels * 0).astype(np.float32)
 
 
+def is_dicom(path):
+    """A .dcm/.dicom file, or a file without a suffix that opens with the DICOM preamble ("DICM" at byte 128)."""
+    path = Path(path)
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    if path.suffix or not path.is_file():
+        return False
+    with open(path, "rb") as file:
+        return file.read(132)[128:] == b"DICM"
+
+
+def _window(values, center, width, function):
+    """The VOI window of DICOM PS3.3 C.11.2.1.2 onto [0, 1]: LINEAR (the default), LINEAR_EXACT or SIGMOID."""
+    if function == "SIGMOID":
+        return 1 / (1 + np.exp(-4 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0, 1)
+    if width < 1:
+        raise ValueError(f"window width {width} is below 1")
+    return np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1)
+
+
+def _read_dicom(path):
+    """A DICOM X-ray as a radiologist sees it, one float channel in [0, 1]: stored values through the modality
+    rescale (RescaleSlope/Intercept or a modality LUT), then the VOI window (WindowCenter/Width, the first
+    if there are several) or VOI LUT when the file has one, else its own range stretched as for other images;
+    MONOCHROME1 (bone dark) inverted so that bone is bright as in MONOCHROME2. Never a label: labels come from
+    class folders, names or the manifest."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ValueError(f'{path} is a DICOM file: reading it needs pydicom (pip install -e ".[dicom]")') from None
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as error:
+        raise ValueError(f"cannot read DICOM file {path}: {str(error).splitlines()[0]}") from None
+    if int(dataset.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError(f"{path}: a colour DICOM image ({dataset.get('PhotometricInterpretation')}); "
+                         f"a chest X-ray is one grayscale channel")
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        raise ValueError(f"{path}: a multi-frame DICOM ({dataset.NumberOfFrames} frames), not one X-ray")
+    try:
+        stored = dataset.pixel_array
+    except Exception as error:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        raise ValueError(f"{path}: cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): "
+                         f"{str(error).splitlines()[0][:160]}") from None
+    values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        first = lambda value: float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+        pixels = _window(values, first(dataset.WindowCenter), first(dataset.WindowWidth),
+                         str(dataset.get("VOILUTFunction", "LINEAR")).upper())
+    else:
+        if "VOILUTSequence" in dataset:
+            values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
+        low, high = values.min(), values.max()
+        pixels = (values - low) / (high - low) if high > low else values * 0
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = 1 - pixels
+    return pixels.astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir):
     key = hashlib.sha1(f"{path}|{mtime_ns}|{file_size}|{image_size}".encode()).hexdigest()
     cached = Path(cache_dir, key + ".npy") if cache_dir else None
     if cached and cached.exists():
         return torch.from_numpy(np.load(cached))
-    try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = _to_gray(image, path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+    if is_dicom(path):
+        pixels = _read_dicom(path)
+    else:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pixels = _to_gray(image, path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"cannot read image {path}: {error}") from None
     resized = F.interpolate(torch.from_numpy(pixels)[None, None], size=(image_size, image_size),
                             mode="bilinear", antialias=True, align_corners=False)[0]
     if cached:
@@ -225,21 +291,26 @@ def _label_of(path, folder):
                      f"negative/positive) or name it like CHNCXR_0001_0.png")
 
 
+def _is_image(path):
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path))
+
+
 def _images_in(folder):
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.rglob("*") if _is_image(p))
 
 
 def _scan_folder(root):
     """{site: [(path, label)]}: subfolders of `root` are sites, unless `root` itself holds classes or images."""
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     pooled = any(_class_label(d.name) is not None for d in subdirs) or any(
-        p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir() if p.is_file())
+        _is_image(p) for p in root.iterdir())
     folders = [root] if pooled or not subdirs else subdirs
     sites = {}
     for folder in folders:
         paths = _images_in(folder)
         if not paths:
-            raise ValueError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise ValueError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and "
+                             f"DICOM files without a suffix)")
         sites[folder.name] = [(p, _label_of(p, folder)) for p in paths]
     return sites
 

@@ -6,9 +6,11 @@ parts share the model's layers, and `server_model(client_model(x))` is `model(x)
 FLOP counter, so the schemes can count both explicitly at the line where they happen.
 """
 import copy
+import json
 import os
 import re
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,54 @@ def split_model(model, cut):
     client_model = nn.Sequential(OrderedDict(children[:at]))
     server_model = ServerModel(nn.Sequential(server_layers), model.classifier)
     return client_model, server_model
+
+
+class LabelPrivateClient(nn.Sequential):
+    """The client part of a label-private (U-shaped) split: the layers up to the cut, run by `forward`, and
+    the classifier `head`, which the client runs on the pooled features the server sends back."""
+
+    def forward(self, images):
+        for name, layer in self.named_children():
+            if name != "head":
+                images = layer(images)
+        return images
+
+
+class LabelPrivateModel(nn.Sequential):
+    """A deployed label-private model, (client part, server part): images to logits."""
+
+    def forward(self, images):
+        client_model, server_model = self
+        return client_model.head(server_model(client_model(images)))
+
+
+def label_private(client_model, server_model):
+    """(client, server) parts of a label-private (U-shaped) split, sharing the given parts' layers: the
+    classifier head moves to the client, so the server's part ends with the pooled features and the labels
+    and the loss never leave the client."""
+    client = LabelPrivateClient(OrderedDict([*client_model.named_children(), ("head", server_model.classifier)]))
+    return client, ServerModel(server_model.features, nn.Identity())
+
+
+def joined(client_model, server_model):
+    """The model a site deploys from its client part and a server part: images to logits."""
+    is_label_private = isinstance(client_model, LabelPrivateClient) or isinstance(
+        getattr(client_model, "part", None), LabelPrivateClient)
+    return (LabelPrivateModel if is_label_private else nn.Sequential)(client_model, server_model)
+
+
+def merge(client_model, server_model):
+    """The whole DenseNet again, sharing the two parts' layers: `split_model(merge(client, server), cut)`
+    cuts a trained model anywhere else."""
+    if isinstance(client_model, LabelPrivateClient):
+        client_model, server_model = (nn.Sequential(OrderedDict(
+            (name, layer) for name, layer in client_model.named_children() if name != "head")),
+            ServerModel(server_model.features, client_model.head))
+    with torch.device("meta"):
+        model = torchvision.models.densenet121(num_classes=1)
+    model.features = nn.Sequential(OrderedDict([*client_model.named_children(), *server_model.features.named_children()]))
+    model.classifier = server_model.classifier
+    return model
 
 
 def _load_weights(weights):
@@ -105,6 +155,24 @@ def split_densenet121(cut="transition1", num_classes=1, in_channels=1, weights=N
     return split_model(model, cut)
 
 
+def load_site_model(path):
+    """A site's deployed model saved by `bench.py --save` (site-K.pt, with model.json beside it), ready to
+    score: an eval-mode module from images (N x C x size x size, values in [0, 1]) to logits, with the
+    saved settings as `model.info` (cut, image_size, bn, scheme, ...)."""
+    path = Path(path)
+    info = json.loads((path.parent / "model.json").read_text())
+    client_model, server_model = split_densenet121(info["cut"], num_classes=info["num_classes"],
+                                                   in_channels=info["in_channels"])
+    if info.get("label_private"):
+        client_model, server_model = label_private(client_model, server_model)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    client_model.load_state_dict(saved["client"])
+    server_model.load_state_dict(saved["server"])
+    model = joined(client_model, server_model).eval()
+    model.info = info
+    return model
+
+
 def nbytes(obj):
     """Bytes of what travels: a tensor, several tensors, a state dict, an optimizer's state (nested)."""
     if isinstance(obj, torch.Tensor):
@@ -153,9 +221,15 @@ def activation_shape(cut, image_size, in_channels=1):
 
 
 def split_flops(client_model, server_model, image_shape):
-    """Training FLOPs per sample of (client part, server part) for images of shape (C, H, W)."""
-    return (training_flops(client_model, image_shape),
-            training_flops(server_model, output_shape(client_model, image_shape), input_grad=True))
+    """Training FLOPs per sample of (client part, server part) for images of shape (C, H, W); a label-private
+    client part counts its head too."""
+    activation_shape = output_shape(client_model, image_shape)
+    client, server = (training_flops(client_model, image_shape),
+                      training_flops(server_model, activation_shape, input_grad=True))
+    head = getattr(unwrap(copy.deepcopy(client_model).to("meta")), "head", None)
+    if head is not None:
+        client += training_flops(head, output_shape(server_model, activation_shape), input_grad=True)
+    return client, server
 
 
 _shape_cache = {}
@@ -239,6 +313,12 @@ def unwrap(module):
 
 
 def cost_only(client_model, server_model, image_shape):
-    """(client, server) stand-ins on the meta device: they count like the real parts at no arithmetic cost."""
+    """(client, server) stand-ins on the meta device: they count like the real parts at no arithmetic cost.
+    (A label-private client part: its layers and its head, each a stand-in.)"""
     client = StandIn(client_model.to("meta"), image_shape)
-    return client, StandIn(server_model.to("meta"), client.output_shape)
+    server = StandIn(server_model.to("meta"), client.output_shape)
+    if isinstance(client_model, LabelPrivateClient):
+        layers = nn.Sequential(OrderedDict((name, layer) for name, layer in client_model.named_children() if name != "head"))
+        client = LabelPrivateClient(OrderedDict(layers=StandIn(layers, image_shape),
+                                                head=StandIn(client_model.head, server.output_shape)))
+    return client, server

@@ -9,12 +9,10 @@ To reuse: copy this file with splitlearn.py, fedlearn.py, data.py, common.py and
 """
 import copy
 
-from torch import nn
-
 from common import Run
-from densenet_split import split_flops
+from densenet_split import joined, split_flops
 from fedlearn import average_models
-from splitlearn import split_step, take_turns
+from splitlearn import step_for, take_turns
 
 VERSIONS = (1, 2, 3)
 
@@ -33,11 +31,12 @@ def train(client_model, server_model, train_sets, test_sets, version=1, turns="c
     client_optimizers = [run.optimizer(m) for m in client_models]
     server_optimizers = [run.optimizer(m) for m in server_models]
     flops = split_flops(client_model, server_model, run.image_shape)
+    step = step_for(client_model)
     serves = [site % num_servers for site in range(num_sites)]  # the server copy each site trains with
-    deployed = [nn.Sequential(client_models[site], server_models[serves[site]]) for site in range(num_sites)]
+    deployed = [joined(client_models[site], server_models[serves[site]]) for site in range(num_sites)]
     for round in range(run.rounds):
         for site, images, labels in take_turns(run, train_sets, round, turns):
-            split_step(run, site, client_models[site], server_models[serves[site]], client_optimizers[site],
+            step(run, site, client_models[site], server_models[serves[site]], client_optimizers[site],
                        server_optimizers[serves[site]], images, labels, flops)
         if version != 3:  # the aggregator averages the client parts, over the network
             average_models(run, client_models, num_examples)

@@ -3,12 +3,12 @@
 One client part and one server part. Clients take turns: with turns="client" each trains one whole local
 epoch, then hands the client part (and its optimizer state) to the next; with turns="batch" they hand it on
 after every mini-batch, and a client whose data ran out is skipped until the round ends.
+A label-private client part (`densenet_split.label_private`) keeps the classifier head and the loss at the
+client (a U-shaped split: `label_private_step`).
 To reuse: copy this file with common.py and densenet_split.py.
 """
-from torch import nn
-
 from common import Run
-from densenet_split import split_flops
+from densenet_split import LabelPrivateClient, joined, split_flops
 
 TURNS = ("client", "batch")
 
@@ -31,6 +31,38 @@ def split_step(run, site, client_model, server_model, client_optimizer, server_o
     client_optimizer.step()
     run.compute("client", flops[0] * len(labels))
     run.compute("server", flops[1] * len(labels))
+
+
+def label_private_step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels,
+                       flops):
+    """One step of a label-private (U-shaped) split: the client keeps the classifier head and the loss, so
+    the labels never leave it; the server sends back the pooled features and receives their gradient."""
+    with run.autocast():
+        outputs = client_model(images)  # client: forward to the cut
+    activations = run.send(site, "server", outputs.detach()).requires_grad_()  # no labels
+    with run.autocast():
+        features = server_model(activations)  # server: on to the pooled features
+    received = run.send("server", site, features.detach()).requires_grad_()
+    with run.autocast():
+        loss = run.loss(client_model.head(received), labels)  # client: the head and the loss
+    client_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_features = run.send(site, "server", received.grad)
+    server_optimizer.zero_grad(set_to_none=True)
+    features.backward(grad_features)  # server: backward from the features, then its step
+    server_optimizer.step()
+    grad_activations = run.send("server", site, activations.grad)
+    outputs.backward(grad_activations)  # client: backward from the cut, then one step for its layers and head
+    client_optimizer.step()
+    run.compute("client", flops[0] * len(labels))
+    run.compute("server", flops[1] * len(labels))
+
+
+def step_for(client_model):
+    """`label_private_step` for a label-private client part (`densenet_split.label_private`), else `split_step`."""
+    is_label_private = isinstance(client_model, LabelPrivateClient) or isinstance(
+        getattr(client_model, "part", None), LabelPrivateClient)
+    return label_private_step if is_label_private else split_step
 
 
 def take_turns(run, train_sets, round, turns):
@@ -59,14 +91,14 @@ def train(client_model, server_model, train_sets, test_sets, turns="client", **c
     run.place(client_model, server_model)
     client_optimizer, server_optimizer = run.optimizer(client_model), run.optimizer(server_model)
     flops = split_flops(client_model, server_model, run.image_shape)
-    deployed = [nn.Sequential(client_model, server_model)] * len(train_sets)
+    step = step_for(client_model)
+    deployed = [joined(client_model, server_model)] * len(train_sets)
     holder = 0  # the site that holds the client part; site 0 starts with it
     for round in range(run.rounds):
         for site, images, labels in take_turns(run, train_sets, round, turns):
             if site != holder:  # hand the client part and its optimizer state to the next client
                 run.send(holder, site, client_model.state_dict(), client_optimizer.state_dict()["state"])
                 holder = site
-            split_step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels,
-                       flops)
+            step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops)
         run.end_round(round, deployed)
     return run.result(deployed)

@@ -26,6 +26,7 @@ import bench
 import data
 import densenet_split as ds
 import fedlearn
+import privacy
 import splitfed
 import splitlearn
 from common import Run, auroc, auroc_interval, recompute_batchnorm
@@ -738,3 +739,219 @@ def test_under_a_bandwidth_limit_split_learning_takes_the_time_the_deployment_mo
     modelled = sum(row["bytes"].values()) * 8 / 40e6  # sequential turns: every byte in turn, at 40 Mbit/s
     measured = seconds[40] - seconds[None]
     assert 0.7 * modelled < measured < 1.5 * modelled, (measured, modelled)
+
+
+# What the server can learn (privacy.py)
+
+def distance_correlation_by_the_book(x, z):
+    """Székely and Rizzo (2014), U-centring and the U-statistic inner product, written out with loops."""
+    n = len(x)
+    x, z = x.reshape(n, -1).double(), z.reshape(n, -1).double()
+
+    def u_centred(samples):
+        a = [[float((samples[i] - samples[j]).norm()) for j in range(n)] for i in range(n)]
+        row = [sum(a[i]) for i in range(n)]
+        total = sum(row)
+        return [[0.0 if i == j else a[i][j] - row[i] / (n - 2) - row[j] / (n - 2) + total / ((n - 1) * (n - 2))
+                 for j in range(n)] for i in range(n)]
+
+    def inner(a, b):
+        return sum(a[i][j] * b[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 3))
+
+    a, b = u_centred(x), u_centred(z)
+    return inner(a, b) / (inner(a, a) * inner(b, b)) ** 0.5
+
+
+def test_distance_correlation_is_the_published_formula():
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 4)
+    z = torch.cat([x.flatten(1)[:, :5] ** 2, torch.randn(12, 2)], 1)
+    assert privacy.distance_correlation(x, z) == pytest.approx(distance_correlation_by_the_book(x, z), abs=1e-6)
+    assert privacy.distance_correlation(x, z, chunk_size=5) == pytest.approx(privacy.distance_correlation(x, z), abs=1e-12)
+
+
+def test_distance_correlation_is_zero_for_independent_data_and_one_for_a_distance_preserving_map():
+    torch.manual_seed(0)
+    x, z = torch.randn(256, 2000), torch.randn(256, 3000)
+    assert abs(privacy.distance_correlation(x, z)) < 0.05
+    permuted = 3 * x[:, torch.randperm(2000)]  # a scaled permutation of the features keeps every distance's ratio
+    assert privacy.distance_correlation(x, permuted) == pytest.approx(1, abs=1e-9)
+
+
+def test_ssim_and_psnr():
+    torch.manual_seed(0)
+    image = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(privacy.ssim(image, image), torch.ones(2))
+    noisy = [(image + sigma * torch.randn_like(image)).clamp(0, 1) for sigma in (0.05, 0.2)]
+    assert (privacy.ssim(noisy[0], image) > privacy.ssim(noisy[1], image)).all()
+    assert torch.allclose(privacy.psnr(image, image * 0 + image + 0.1), torch.full((2,), 20.0), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained_split(three_site_results):
+    return three_site_results["sl-client"]["models"][0]
+
+
+def test_activations_carry_less_of_the_image_the_deeper_the_cut(trained_split, three_sites):
+    cuts = {row["cut"]: row["dcor"] for row in privacy.cuts_sweep(*trained_split, three_sites[0], 16, log=None)}
+    assert cuts["conv0"] > cuts["transition1"] > cuts["transition2"] > cuts["norm5"]
+
+
+def test_reconstruction_attack_beats_its_floor_at_the_first_cut_only(trained_split, three_sites):
+    model = ds.merge(*trained_split)
+    train_sets = three_sites[0]
+    found = {cut: privacy.reconstruction_attack(ds.split_model(model, cut)[0], train_sets[1].images,
+                                                train_sets[0].images, 16, steps=300)
+             for cut in ("conv0", "norm5")}
+    assert found["conv0"]["ssim"] > found["conv0"]["ssim_floor"] + 0.05
+    assert found["norm5"]["ssim"] < found["conv0"]["ssim"]
+    assert found["conv0"]["target_size"] == 32 and found["conv0"]["ssim_floor"] == found["norm5"]["ssim_floor"]
+
+
+LABEL_PRIVATE = {name: run for name, run in SCHEMES.items() if name != "fedavg"}
+
+
+@pytest.mark.parametrize("scheme", LABEL_PRIVATE)
+def test_label_private_with_one_site_is_centralized_training(scheme, one_site, centralized_one_site):
+    result = LABEL_PRIVATE[scheme](*ds.label_private(*fresh_split()), *one_site, **FAST)
+    got = result["models"][0].state_dict()
+    for key, value in centralized_one_site["models"][0].state_dict().items():
+        key = key.replace("1.classifier.", "0.head.")  # the head moved to the client
+        assert torch.allclose(got[key].double(), value.double(), rtol=1e-5, atol=1e-6), key
+    assert result["auroc"] == pytest.approx(centralized_one_site["auroc"], abs=1e-6)
+    assert result["flops"]["client"] + result["flops"]["server"] == centralized_one_site["flops"]["server"]
+
+
+def test_label_private_sends_no_labels_and_its_gradients_still_tell_them(three_sites):
+    train_sets, _ = three_sites
+    result = splitfed.train(*ds.label_private(*fresh_split()), *three_sites, version=3, **FAST)
+    num_images, activation = sum(len(s) for s in train_sets), int(np.prod(ds.activation_shape("transition1", 32)))
+    features = 1024  # the pooled features the server sends, and their gradient that comes back
+    for link in ("client->server", "server->client"):  # no label: activations and features, there and back
+        assert result["bytes"][link] == FAST["rounds"] * num_images * (activation + features) * 4, link
+    leaks = [privacy.label_leak(model[0], model[1], s.images, s.labels, 16) for model, s in zip(result["models"], train_sets)]
+    for leak in leaks:
+        assert 0 <= leak["norm_auroc"] <= 1 and leak["cosine_auroc"] == 1.0  # one logit: the direction is the label
+
+
+def test_bench_shows_what_the_server_can_learn(capsys):
+    rows = bench.main(TINY + ["--schemes", "central,fedavg,sl-client", "--label-private"])
+    found = {row["scheme"]: row["privacy"] for row in rows}
+    assert found["central"] == dict(sends="images", labels_leave=True)
+    assert found["fedavg"] == dict(sends="weights", labels_leave=False)
+    assert found["sl-client"]["labels_leave"] is False and len(found["sl-client"]["dcor"]) == 2
+    assert all(abs(value) < 0.3 for value in found["sl-client"]["dcor_shuffled"])
+    assert "label leak AUROC" in capsys.readouterr().out
+
+
+# DICOM (the [dicom] extra)
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=16, **elements):
+    """A one-frame grayscale DICOM file, written with pydicom."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.PatientID = "DX", "test"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    for key, value in elements.items():
+        setattr(dataset, key, value)
+    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+RAMP = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))  # 12-bit values, left to right
+
+
+@pytest.mark.extras
+def test_dicom_monochrome1_is_inverted_to_look_like_monochrome2(tmp_path):
+    bright_bone = write_dicom(tmp_path / "m2.dcm", RAMP, "MONOCHROME2", 12)
+    dark_bone = write_dicom(tmp_path / "m1.dcm", 4095 - RAMP, "MONOCHROME1", 12)
+    assert torch.equal(data.load_image(bright_bone, 64), data.load_image(dark_bone, 64))
+
+
+@pytest.mark.extras
+def test_dicom_12_bit_in_16_with_a_rescale_keeps_its_range(tmp_path):
+    path = write_dicom(tmp_path / "ct", RAMP, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024)  # no suffix
+    assert data.is_dicom(path)
+    image = data.load_image(path, 64)[0]
+    assert image.min() == 0 and image.max() == 1 and len(torch.unique(image[0])) == 64  # every level kept
+    assert torch.allclose(image[0], torch.arange(64.0) / 63, atol=1e-6)
+
+
+@pytest.mark.extras
+def test_dicom_window_clips_as_the_standard_says(tmp_path):
+    path = write_dicom(tmp_path / "w.dcm", RAMP, bits_stored=12, WindowCenter=2048, WindowWidth=1024)
+    image = data.load_image(path, 64)[0, 0].double()
+    values = torch.from_numpy(RAMP[0].astype(np.float64))
+    expected = ((values - 2047.5) / 1023 + 0.5).clamp(0, 1)  # PS3.3 C.11.2.1.2: linear, c - 0.5, w - 1
+    assert torch.allclose(image, expected, atol=1e-6)
+    assert (image[values <= 1536] == 0).all() and (image[values > 2559] == 1).all()
+
+
+@pytest.mark.extras
+def test_dicom_in_site_folders_and_the_file_pydicom_ships(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+    for site in ("north", "south"):
+        for i in range(8):
+            write_dicom(tmp_path / site / ("tb" if i % 2 else "normal") / f"{i}.dcm", RAMP + 7 * i, bits_stored=12)
+    write_dicom(tmp_path / "south" / "CHNCXR_0009_1", RAMP, bits_stored=12)  # a name that is its label, no suffix
+    train_sets, test_sets = data.folder_sites(tmp_path, image_size=32)
+    assert [len(a) + len(b) for a, b in zip(train_sets, test_sets)] == [8, 9]
+    assert sum(int(s.labels.sum()) for s in train_sets + test_sets) == 9
+    ct = data.load_image(get_testdata_file("CT_small.dcm"), 32)  # read from pydicom's own files, no network
+    assert ct.shape == (1, 32, 32) and 0 <= ct.min() < ct.max() <= 1
+
+
+@pytest.mark.extras
+def test_dicom_that_cannot_be_used_is_a_one_line_error_naming_the_file(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+    for name, message in (("SC_rgb_small_odd.dcm", "colour"), ("rtdose.dcm", "multi-frame"),
+                          ("JPEGLSNearLossless_08.dcm", "cannot decode")):
+        with pytest.raises(ValueError, match=message) as error:
+            data.load_image(get_testdata_file(name), 32)
+        assert name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_dicom_without_pydicom_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "image"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # the preamble is all it takes to be taken for DICOM
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with pytest.raises(ValueError, match=r"image is a DICOM file: reading it needs pydicom .*\[dicom\]"):
+        data.load_image(path, 32)
+
+
+# Saved models
+
+def test_a_saved_model_reloads_and_scores_as_in_the_run(tmp_path):
+    rows = bench.main(TINY + ["--schemes", "sfv3", "--save", str(tmp_path)])
+    info = json.loads((tmp_path / "sfv3" / "model.json").read_text())
+    assert info["cut"] == "transition1" and info["bn"] == "local" and json.loads((tmp_path / "results.json").read_text())
+    _, test_sets = data.synthetic_sites(num_sites=2, image_size=32, site_sizes=[16, 12])
+    for site, test_set in enumerate(test_sets):
+        model = ds.load_site_model(tmp_path / "sfv3" / f"site-{site}.pt")
+        with torch.no_grad():
+            scores = model(test_set.images).squeeze(1)
+        assert auroc(scores, test_set.labels) == rows[0]["site_auroc"][site]
+
+
+def test_an_interrupted_run_keeps_the_models_saved_before(tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise FloatingPointError("loss is nan in round 1")
+    monkeypatch.setitem(bench.SCHEMES, "sfv1", explode)
+    bench.main(TINY + ["--schemes", "sl-client,sfv1", "--save", str(tmp_path)])
+    assert sorted(p.name for p in (tmp_path / "sl-client").iterdir()) == ["model.json", "site-0.pt", "site-1.pt"]
+    assert not (tmp_path / "sfv1").exists()
+    assert [row["scheme"] for row in json.loads((tmp_path / "results.json").read_text())] == ["sl-client", "sfv1"]

@@ -1,0 +1,186 @@
+"""What the server can learn: how much of the X-ray the activations at the cut still carry, and the labels.
+
+- `distance_correlation`: statistical dependence between the images and the activations a site sends
+  (bias-corrected, so 0 means independent and 1 a distance-preserving map), and the same with the pairs
+  shuffled beside it: the value that means nothing.
+- `reconstruction_attack`: the server trains a decoder on another site's images and their activations
+  (He, Zhang and Lee, ACSAC 2019: a black-box inverse network) and inverts the victim site's activations;
+  SSIM and PSNR, next to the floor of predicting the attacker's mean image for every victim image.
+- `label_leak`: in a label-private (U-shaped) split the labels stay home, but the gradients the client
+  returns for the pooled features still carry them (Li et al., ICLR 2022): the norm and cosine attacks.
+- `cuts_sweep`: all of it at every cut of one trained model.
+"""
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import auroc, batch_bounds
+from densenet_split import CUTS, merge, split_model
+
+
+def distance_correlation(x, z, chunk_size=1 << 16):
+    """Bias-corrected squared distance correlation between n samples of x and of z (each sample flattened).
+
+        a_ij = |x_i - x_j|,  A_ij = a_ij - a_i. / (n-2) - a_.j / (n-2) + a_.. / ((n-1)(n-2))  for i != j, A_ii = 0
+        (A . B) = sum_{i != j} A_ij B_ij / (n (n-3))
+        dCor²   = (A . B) / sqrt((A . A)(B . B))
+
+    with a_i. the row sums of a and a_.. its total (U-centring; Székely and Rizzo 2014, R energy's bcdcor).
+    About 0 for independent samples whatever their dimension (the plain dCor² is biased towards 1 there),
+    1 when z is a distance-preserving map of x. The pairwise distances come from Gram matrices summed in
+    float64 over chunks of `chunk_size` features, so that even 224 px activations at conv0 fit in memory.
+    """
+    n = len(x)
+    if n < 4 or len(z) != n:
+        raise ValueError(f"distance correlation needs the same number of samples, at least 4, not {n} and {len(z)}")
+
+    def u_centred_distances(samples):
+        samples = samples.reshape(n, -1)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for start in range(0, samples.shape[1], chunk_size):
+            part = samples[:, start:start + chunk_size].double().cpu()
+            gram += part @ part.T
+        squared = gram.diagonal()
+        a = (squared[:, None] + squared[None, :] - 2 * gram).clamp(min=0).sqrt()
+        a.fill_diagonal_(0)
+        rows = a.sum(1)
+        centred = a - rows[:, None] / (n - 2) - rows[None, :] / (n - 2) + rows.sum() / ((n - 1) * (n - 2))
+        return centred.fill_diagonal_(0)
+
+    a, b = u_centred_distances(x), u_centred_distances(z)
+    ab, aa, bb = (a * b).sum(), (a * a).sum(), (b * b).sum()
+    if aa <= 0 or bb <= 0:
+        return 0.0
+    return float(ab / (aa * bb).sqrt())
+
+
+@torch.no_grad()
+def sent_activations(client_model, images, batch_size):
+    """The activations a client sends for `images`, as in training (train mode, in its batch size), from a
+    copy so that the model's BatchNorm statistics are untouched."""
+    client_model = copy.deepcopy(client_model).train()
+    return torch.cat([client_model(images[start:end]).float() for start, end in batch_bounds(len(images), batch_size)])
+
+
+def leakage(client_model, images, batch_size, seed=0):
+    """dCor² between a site's images and the activations it sends, and with the pairs shuffled."""
+    activations = sent_activations(client_model, images, batch_size)
+    shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return dict(dcor=distance_correlation(images, activations),
+                dcor_shuffled=distance_correlation(images, activations[shuffled]))
+
+
+def ssim(a, b, window=11, sigma=1.5):
+    """Mean structural similarity (Wang et al. 2004: Gaussian window, K1 = 0.01, K2 = 0.03) per image pair
+    of (N, 1, H, W) images in [0, 1]."""
+    taps = torch.exp(-0.5 * ((torch.arange(window) - window // 2) / sigma) ** 2)
+    kernel = (taps[:, None] * taps[None, :] / taps.sum() ** 2).to(a)[None, None]
+    blur = lambda image: F.conv2d(image, kernel)  # valid positions only, as the reference implementation
+    mean_a, mean_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mean_a ** 2, blur(b * b) - mean_b ** 2
+    covariance = blur(a * b) - mean_a * mean_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    index = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / ((mean_a ** 2 + mean_b ** 2 + c1) * (var_a + var_b + c2))
+    return index.flatten(1).mean(1)
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB per image pair, for images in [0, 1]."""
+    return 10 * torch.log10(1 / ((a - b) ** 2).flatten(1).mean(1).clamp(min=1e-10))
+
+
+class Decoder(nn.Module):
+    """The attacker's inverse network: activations (C x h x w) to a 1 x size x size image."""
+
+    def __init__(self, channels, size, width=64):
+        super().__init__()
+        self.size = size
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.out = nn.Sequential(nn.Conv2d(width, width // 2, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(width // 2, 1, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, activations):
+        features = self.layers(activations)
+        return self.out(F.interpolate(features, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
+def reconstruction_attack(client_model, attacker_images, victim_images, batch_size, steps=1000, target_size=None,
+                          seed=0):
+    """The server inverts a victim site's activations with a decoder trained on another site's images.
+
+    The attacker sees (activations, image) pairs for its own images (`attacker_images`, passed through the
+    client part: black-box query access), trains `Decoder` with Adam for `steps` steps to predict the image,
+    and decodes the victim's activations. Images are compared at `target_size` (default: their own size;
+    larger than 64 px, a 64 x 64 target). Returns SSIM and PSNR of the reconstructions and of the floor:
+    the attacker's mean image offered as every victim image.
+    """
+    size = target_size or min(attacker_images.shape[-1], 64)
+    shrink = lambda images: F.interpolate(images.float(), size=(size, size), mode="area")
+    known, known_images = sent_activations(client_model, attacker_images, batch_size), shrink(attacker_images)
+    victim, victim_images = sent_activations(client_model, victim_images, batch_size), shrink(victim_images)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        decoder = Decoder(known.shape[1], size)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
+    for _ in range(steps):
+        batch = torch.randint(len(known), (min(32, len(known)),), generator=generator)
+        loss = F.mse_loss(decoder(known[batch]), known_images[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        reconstructed = decoder.eval()(victim)
+    floor = known_images.mean(0, keepdim=True).expand_as(victim_images)
+    return dict(ssim=float(ssim(reconstructed, victim_images).mean()), psnr=float(psnr(reconstructed, victim_images).mean()),
+                ssim_floor=float(ssim(floor, victim_images).mean()), psnr_floor=float(psnr(floor, victim_images).mean()),
+                target_size=size, steps=steps)
+
+
+def label_leak(client_model, server_model, images, labels, batch_size):
+    """What the gradients a label-private client returns tell the server about the labels.
+
+    For each of a site's training images, the gradient of the loss with respect to the pooled features,
+    which the client sends back (computed with the trained model, in the training batch size). With one
+    logit and a linear head it is (sigmoid(logit) - label) times the head's weights: its direction is the
+    label. Norm attack: the gradient's norm as the score (positives, the rarer and harder class, tend to
+    have larger ones). Cosine attack: the cosine with one fixed gradient (the first): the gradients fall into
+    two opposite directions, one per label; its AUROC is taken up to which direction is which
+    (max(AUROC, 1 - AUROC)), since one known label is all the server needs to name them. Returns each
+    attack's AUROC against the true labels (0.5: nothing learnt, 1: every label known).
+    """
+    client_model, server_model = copy.deepcopy(client_model).train(), copy.deepcopy(server_model).train()
+    gradients = []
+    for start, end in batch_bounds(len(images), batch_size):
+        batch, targets = images[start:end], labels[start:end]
+        with torch.no_grad():
+            features = server_model(client_model(batch))
+        features.requires_grad_()
+        F.binary_cross_entropy_with_logits(client_model.head(features).squeeze(1), targets).backward()
+        gradients.append(features.grad.double())
+    gradients = torch.cat(gradients)
+    cosine = auroc(F.cosine_similarity(gradients, gradients[:1], dim=1), labels)
+    return dict(norm_auroc=auroc(gradients.norm(dim=1), labels),
+                cosine_auroc=None if cosine is None else max(cosine, 1 - cosine))
+
+
+def cuts_sweep(client_model, server_model, train_sets, batch_size, attack=False, steps=1000, log=print):
+    """dCor² (and with `attack` the reconstruction) at every cut of one trained model, for site 0's images
+    (the attacker: site 1's images)."""
+    model = merge(client_model, server_model)
+    rows = []
+    for cut in CUTS:
+        client_part, _ = split_model(model, cut)
+        row = dict(cut=cut, **leakage(client_part, train_sets[0].images, batch_size))
+        if attack:
+            row.update(reconstruction_attack(client_part, train_sets[1].images, train_sets[0].images, batch_size, steps))
+        rows.append(row)
+        if log:
+            log(f"cut {cut}: dCor² {row['dcor']:.3f} (shuffled {row['dcor_shuffled']:.3f})"
+                + (f", SSIM {row['ssim']:.3f} (floor {row['ssim_floor']:.3f})" if attack else ""))
+    return rows
