@@ -2,9 +2,12 @@
 
     python bench.py                                  # the synthetic federation, all seven schemes, CPU or GPU
     python bench.py --costs-only --image-size 224    # bytes and FLOPs at the paper's scale, no training
+    python bench.py --distributed                    # every party its own process, the tensors on the wire
+    python bench.py --attack --cuts-sweep            # what the server can learn, at the cut and at every cut
 
-Each row: AUROC (pooled, and the range over sites), accuracy, bytes on every link, FLOPs per party, wall
-time and its ratio to centralized training, and an estimated deployment time (see `deployment_seconds`).
+Each row: AUROC (pooled with its 95% interval, and per site), accuracy, bytes on every link, FLOPs per party,
+wall time and its ratio to centralized training, an estimated deployment time (see `deployment_seconds`),
+whether labels leave the sites and how much of the images the activations still carry (`privacy`).
 """
 import argparse
 import contextlib
@@ -367,11 +370,12 @@ def plot(rows, path):
 
     done = [row for row in rows if not row.get("error") and row.get("auroc") is not None]
     figure, (curves, tradeoff) = pyplot.subplots(1, 2, figsize=(11, 4.2))
-    for scheme in dict.fromkeys(row["scheme"] for row in done):
+    for index, scheme in enumerate(dict.fromkeys(row["scheme"] for row in done)):
         runs = [row for row in done if row["scheme"] == scheme]
         per_round = [statistics.mean(entry["auroc"] for entry in entries if entry["auroc"] is not None)
                      for entries in zip(*(row["history"] for row in runs))]
-        curves.plot(range(1, len(per_round) + 1), per_round, marker="o", label=scheme)
+        curves.plot(range(1, len(per_round) + 1), per_round, marker="os^vDPX"[index % 7], label=scheme,
+                    linestyle="-" if index % 2 == 0 else "--")  # lines that coincide (fedavg, sfv1) stay visible
         final = statistics.mean(row["auroc"] for row in runs)
         total = sum(runs[0]["bytes"].values())
         interval = runs[0]["auroc_interval"] if len(runs) == 1 else None
@@ -379,6 +383,7 @@ def plot(rows, path):
         tradeoff.errorbar(total, final, yerr=error, fmt="o", capsize=3)
         tradeoff.annotate(scheme, (total, final), textcoords="offset points", xytext=(5, 5))
     curves.set(xlabel="round", ylabel="pooled AUROC", title="AUROC per round")
+    curves.xaxis.get_major_locator().set_params(integer=True)
     curves.legend()
     tradeoff.set(xscale="log", xlabel="total bytes on all links", ylabel="final pooled AUROC (95% CI)",
                  title="AUROC against communication")

@@ -129,9 +129,7 @@ class Transport:
         header = [len(tensors)]
         for t, (_, stride), start in zip(tensors, flats, offsets):
             header += [DTYPES.index(t.dtype), t.dim(), *t.shape, *stride, start]
-        payload = [flats[i][0].view(torch.uint8) if flats[i][0].numel() else flats[i][0].new_empty(0, dtype=torch.uint8)
-                   for i in by_size]
-        payload = torch.cat(payload).cpu() if payload else torch.empty(0, dtype=torch.uint8)
+        payload = torch.cat([torch.empty(0, dtype=torch.uint8)] + [flats[i][0].cpu().view(torch.uint8) for i in by_size])
         try:
             for message in (torch.tensor([len(header)]), torch.tensor(header), payload):
                 if len(message):
@@ -158,9 +156,8 @@ class Transport:
                 shape, stride = header[at + 2:at + 2 + ndim], header[at + 2 + ndim:at + 2 + 2 * ndim]
                 entries.append((dtype, shape, stride, header[at + 2 + 2 * ndim]))
                 at += 3 + 2 * ndim
-            total = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-                        for dtype, shape, _, _ in entries)
-            payload = self._recv(torch.empty(total, dtype=torch.uint8), peer) if total else None
+            total = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape, _, _ in entries)
+            payload = self._recv(torch.empty(total, dtype=torch.uint8), peer) if total else torch.empty(0, dtype=torch.uint8)
         except PartyFailed:
             raise
         except Exception as error:
@@ -170,7 +167,7 @@ class Transport:
             if tuple(shape) != tuple(target.shape) or dtype != target.dtype:
                 raise PartyFailed(f"protocol error: {party_name(peer)} sent {dtype} {tuple(shape)} where "
                                   f"{party_name(self.rank)} expected {target.dtype} {tuple(target.shape)}")
-            size = torch.Size(shape).numel() * target.element_size()
+            size = torch.Size(shape).numel() * dtype.itemsize
             tensor = payload[start:start + size].view(dtype).as_strided(shape, stride)
             if target.is_meta:
                 received.append(tensor.to(self.device, non_blocking=True))
