@@ -117,8 +117,8 @@ def parse_args(argv):
     parser.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
                         help="memory layout of images, activations and convolution weights (channels-last is "
                              "faster on this project's CPU and on GPUs; the numbers differ in the last bits)")
-    parser.add_argument("--schemes", type=scheme_list, default=list(SCHEMES), metavar="LIST",
-                        help=f"comma-separated subset of {','.join(SCHEMES)}")
+    parser.add_argument("--schemes", type=scheme_list, default=",".join(SCHEMES), metavar="LIST",
+                        help="comma-separated schemes to run")
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
     parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
@@ -607,7 +607,7 @@ def main(argv=None):
         scheme, (client_model, server_model) = sweep
         print(f"\nthe server's view at every cut of {scheme}'s model (site 0's training images"
               f"{'; the attacker: site 1' if args.attack else ''}):")
-        cuts = privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size, attack=args.attack, log=None)
+        cuts = privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size, attack=args.attack)
         print(cuts_table(cuts))
         if args.plot:
             plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png")

@@ -93,20 +93,29 @@ def psnr(a, b):
 
 
 class Decoder(nn.Module):
-    """The attacker's inverse network: activations (C x h x w) to a 1 x size x size image."""
+    """The attacker's inverse network: activations (C x h x w) to a 1 x size x size image.
 
-    def __init__(self, channels, size, width=64):
+    It starts at the floor: its last convolution is zero and a learned template, the attacker's mean image,
+    is added before the sigmoid, so that what it learns is the margin above offering the mean image. (Without
+    the template, a cut whose activations are 1 x 1 could only be upsampled into flat images: SSIM 0.155
+    against a floor of 0.704 at 48 px, measured.)"""
+
+    def __init__(self, channels, size, mean_image, width=64):
         super().__init__()
         self.size = size
         self.layers = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.out = nn.Sequential(nn.Conv2d(width, width // 2, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(width // 2, 1, 3, padding=1), nn.Sigmoid())
+                                 nn.Conv2d(width // 2, 1, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+        self.template = nn.Parameter(torch.logit(mean_image.reshape(1, 1, size, size), eps=1e-3))
 
     def forward(self, activations):
         features = self.layers(activations)
-        return self.out(F.interpolate(features, size=(self.size, self.size), mode="bilinear", align_corners=False))
+        features = F.interpolate(features, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.out(features) + self.template)
 
 
 def reconstruction_attack(client_model, attacker_images, victim_images, batch_size, steps=1000, target_size=None,
@@ -126,7 +135,7 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        decoder = Decoder(known.shape[1], size)
+        decoder = Decoder(known.shape[1], size, known_images.mean(0))
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     for _ in range(steps):
         batch = torch.randint(len(known), (min(32, len(known)),), generator=generator)

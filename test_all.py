@@ -797,7 +797,7 @@ def test_activations_carry_less_of_the_image_the_deeper_the_cut(trained_split, t
     assert cuts["conv0"] > cuts["transition1"] > cuts["transition2"] > cuts["norm5"]
 
 
-def test_reconstruction_attack_beats_its_floor_at_the_first_cut_only(trained_split, three_sites):
+def test_reconstruction_attack_beats_its_floor_at_the_first_cut_and_reaches_it_at_the_last(trained_split, three_sites):
     model = ds.merge(*trained_split)
     train_sets = three_sites[0]
     found = {cut: privacy.reconstruction_attack(ds.split_model(model, cut)[0], train_sets[1].images,
@@ -805,6 +805,7 @@ def test_reconstruction_attack_beats_its_floor_at_the_first_cut_only(trained_spl
              for cut in ("conv0", "norm5")}
     assert found["conv0"]["ssim"] > found["conv0"]["ssim_floor"] + 0.05
     assert found["norm5"]["ssim"] < found["conv0"]["ssim"]
+    assert found["norm5"]["ssim"] > found["norm5"]["ssim_floor"] - 0.02  # 1 x 1 activations: at least the mean image
     assert found["conv0"]["target_size"] == 32 and found["conv0"]["ssim_floor"] == found["norm5"]["ssim_floor"]
 
 
