@@ -126,8 +126,8 @@ def parse_args(argv):
                         help="split schemes keep the classifier head and the loss at the client (U-shaped): "
                              "labels never leave a site")
     parser.add_argument("--attack", action="store_true",
-                        help="also run a reconstruction attack on each split scheme's activations (a decoder "
-                             "trained on another site's images, 1000 steps; about 10 s a scheme at 48 px on CPU)")
+                        help="also run a reconstruction attack on each split scheme's activations (a decoder trained "
+                             "on another site's images, 1000 steps; about a minute a scheme at 48 px on 2 CPU cores)")
     parser.add_argument("--cuts-sweep", action="store_true",
                         help="after the run, the server's view at every cut of one trained model (the first "
                              "split scheme's): dCor², and with --attack the reconstruction")
