@@ -129,8 +129,8 @@ def parse_args(argv):
                         help="also run a reconstruction attack on each split scheme's activations (a decoder trained "
                              "on another site's images, 1000 steps; about a minute a scheme at 48 px on 2 CPU cores)")
     parser.add_argument("--cuts-sweep", action="store_true",
-                        help="after the run, the server's view at every cut of one trained model (the first "
-                             "split scheme's): dCor², and with --attack the reconstruction")
+                        help="after the run, the server's view at every cut of one trained model (the first of "
+                             "central and the split schemes to run): dCor², and with --attack the reconstruction")
     parser.add_argument("--save", metavar="DIR",
                         help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, with model.json) "
                              "and DIR/results.json with every round's history, as each scheme ends")
@@ -495,10 +495,11 @@ def save_models(result, train_sets, args, seed):
 
 
 def write_outputs(rows, args):
-    """Rewrite --json and --csv with every row so far, so that nothing finished is lost."""
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows, file, indent=1)
+    """Rewrite --json, --csv and --save's results.json with every row so far, so that nothing finished is lost."""
+    for path in (args.json, args.save and os.path.join(args.save, "results.json")):
+        if path:
+            with open(path, "w") as file:
+                json.dump(rows, file, indent=1)
     if args.csv:
         columns = (["scheme", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
                     "site_auroc_max", "accuracy"]
@@ -588,9 +589,6 @@ def main(argv=None):
             add_ratios(rows)
             if rank == 0:
                 write_outputs(rows, args)
-                if args.save:
-                    with open(os.path.join(args.save, "results.json"), "w") as file:
-                        json.dump(rows, file, indent=1)
     if transport:
         transport.close()
         if rank != 0:
@@ -601,7 +599,8 @@ def main(argv=None):
           + (" wire: payload bytes the processes sent (evaluation apart)." if transport else ""))
     print(table(rows))
     if args.attack or args.label_private:
-        print("\nwhat the server can learn, mean over sites:")
+        print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
+              "the attacker site 1):")
         print(privacy_table(rows))
     if sweep is not None:
         scheme, (client_model, server_model) = sweep

@@ -175,8 +175,13 @@ def _to_gray(image, path):
         pixels = rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
     if pixels.ndim != 2:
         raise ValueError(f"cannot read image {path}: unexpected shape {pixels.shape}")
+    return _stretch(pixels).astype(np.float32)
+
+
+def _stretch(pixels):
+    """Pixel values onto [0, 1] from their own minimum and maximum (a flat image gives zeros)."""
     low, high = pixels.min(), pixels.max()
-    return ((pixels - low) / (high - low) if high > low else pixels * 0).astype(np.float32)
+    return (pixels - low) / (high - low) if high > low else pixels * 0
 
 
 def is_dicom(path):
@@ -235,8 +240,7 @@ def _read_dicom(path):
     else:
         if "VOILUTSequence" in dataset:
             values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
-        low, high = values.min(), values.max()
-        pixels = (values - low) / (high - low) if high > low else values * 0
+        pixels = _stretch(values)
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = 1 - pixels
     return pixels.astype(np.float32)

@@ -66,6 +66,11 @@ class LabelPrivateClient(nn.Sequential):
                 images = layer(images)
         return images
 
+    @property
+    def body(self):
+        """The layers up to the cut, without the head, as one module (sharing them)."""
+        return nn.Sequential(OrderedDict((name, layer) for name, layer in self.named_children() if name != "head"))
+
 
 class LabelPrivateModel(nn.Sequential):
     """A deployed label-private model, (client part, server part): images to logits."""
@@ -83,20 +88,20 @@ def label_private(client_model, server_model):
     return client, ServerModel(server_model.features, nn.Identity())
 
 
+def is_label_private(client_model):
+    return isinstance(client_model, LabelPrivateClient)
+
+
 def joined(client_model, server_model):
     """The model a site deploys from its client part and a server part: images to logits."""
-    is_label_private = isinstance(client_model, LabelPrivateClient) or isinstance(
-        getattr(client_model, "part", None), LabelPrivateClient)
-    return (LabelPrivateModel if is_label_private else nn.Sequential)(client_model, server_model)
+    return (LabelPrivateModel if is_label_private(client_model) else nn.Sequential)(client_model, server_model)
 
 
 def merge(client_model, server_model):
     """The whole DenseNet again, sharing the two parts' layers: `split_model(merge(client, server), cut)`
     cuts a trained model anywhere else."""
-    if isinstance(client_model, LabelPrivateClient):
-        client_model, server_model = (nn.Sequential(OrderedDict(
-            (name, layer) for name, layer in client_model.named_children() if name != "head")),
-            ServerModel(server_model.features, client_model.head))
+    if is_label_private(client_model):
+        client_model, server_model = client_model.body, ServerModel(server_model.features, client_model.head)
     with torch.device("meta"):
         model = torchvision.models.densenet121(num_classes=1)
     model.features = nn.Sequential(OrderedDict([*client_model.named_children(), *server_model.features.named_children()]))
@@ -226,9 +231,8 @@ def split_flops(client_model, server_model, image_shape):
     activation_shape = output_shape(client_model, image_shape)
     client, server = (training_flops(client_model, image_shape),
                       training_flops(server_model, activation_shape, input_grad=True))
-    head = getattr(unwrap(copy.deepcopy(client_model).to("meta")), "head", None)
-    if head is not None:
-        client += training_flops(head, output_shape(server_model, activation_shape), input_grad=True)
+    if is_label_private(client_model):
+        client += training_flops(client_model.head, output_shape(server_model, activation_shape), input_grad=True)
     return client, server
 
 
@@ -317,8 +321,7 @@ def cost_only(client_model, server_model, image_shape):
     (A label-private client part: its layers and its head, each a stand-in.)"""
     client = StandIn(client_model.to("meta"), image_shape)
     server = StandIn(server_model.to("meta"), client.output_shape)
-    if isinstance(client_model, LabelPrivateClient):
-        layers = nn.Sequential(OrderedDict((name, layer) for name, layer in client_model.named_children() if name != "head"))
-        client = LabelPrivateClient(OrderedDict(layers=StandIn(layers, image_shape),
+    if is_label_private(client_model):
+        client = LabelPrivateClient(OrderedDict(layers=StandIn(client_model.body, image_shape),
                                                 head=StandIn(client_model.head, server.output_shape)))
     return client, server

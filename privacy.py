@@ -132,10 +132,11 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
     shrink = lambda images: F.interpolate(images.float(), size=(size, size), mode="area")
     known, known_images = sent_activations(client_model, attacker_images, batch_size), shrink(attacker_images)
     victim, victim_images = sent_activations(client_model, victim_images, batch_size), shrink(victim_images)
+    mean_image = known_images.mean(0, keepdim=True)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        decoder = Decoder(known.shape[1], size, known_images.mean(0))
+        decoder = Decoder(known.shape[1], size, mean_image)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     for _ in range(steps):
         batch = torch.randint(len(known), (min(32, len(known)),), generator=generator)
@@ -145,7 +146,7 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
         optimizer.step()
     with torch.no_grad():
         reconstructed = decoder.eval()(victim)
-    floor = known_images.mean(0, keepdim=True).expand_as(victim_images)
+    floor = mean_image.expand_as(victim_images)
     return dict(ssim=float(ssim(reconstructed, victim_images).mean()), psnr=float(psnr(reconstructed, victim_images).mean()),
                 ssim_floor=float(ssim(floor, victim_images).mean()), psnr_floor=float(psnr(floor, victim_images).mean()),
                 target_size=size, steps=steps)

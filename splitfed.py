@@ -37,7 +37,7 @@ def train(client_model, server_model, train_sets, test_sets, version=1, turns="c
     for round in range(run.rounds):
         for site, images, labels in take_turns(run, train_sets, round, turns):
             step(run, site, client_models[site], server_models[serves[site]], client_optimizers[site],
-                       server_optimizers[serves[site]], images, labels, flops)
+                 server_optimizers[serves[site]], images, labels, flops)
         if version != 3:  # the aggregator averages the client parts, over the network
             average_models(run, client_models, num_examples)
         if version != 2:  # the server averages its own copies of the server part

@@ -8,7 +8,7 @@ client (a U-shaped split: `label_private_step`).
 To reuse: copy this file with common.py and densenet_split.py.
 """
 from common import Run
-from densenet_split import LabelPrivateClient, joined, split_flops
+from densenet_split import is_label_private, joined, split_flops
 
 TURNS = ("client", "batch")
 
@@ -60,9 +60,7 @@ def label_private_step(run, site, client_model, server_model, client_optimizer, 
 
 def step_for(client_model):
     """`label_private_step` for a label-private client part (`densenet_split.label_private`), else `split_step`."""
-    is_label_private = isinstance(client_model, LabelPrivateClient) or isinstance(
-        getattr(client_model, "part", None), LabelPrivateClient)
-    return label_private_step if is_label_private else split_step
+    return label_private_step if is_label_private(client_model) else split_step
 
 
 def take_turns(run, train_sets, round, turns):
