@@ -11,11 +11,9 @@ whether labels leave the sites and how much of the images the activations still 
 """
 import argparse
 import contextlib
-import csv
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,9 +27,10 @@ import data
 import distributed
 import fedlearn
 import privacy
+import report
 import splitfed
 import splitlearn
-from common import BN_SETTINGS, LINKS, PARTIES
+from common import BN_SETTINGS
 from densenet_split import CUTS, cost_only, label_private, split_densenet121
 
 SCHEMES = {
@@ -45,8 +44,6 @@ SCHEMES = {
 }
 SPLIT_SCHEMES = ("sl-client", "sl-batch", "sfv1", "sfv2", "sfv3")
 SENDS = {"central": "images", "fedavg": "weights"}  # what leaves a site; the split schemes send activations
-LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
-              "client->aggregator": "c->agg", "aggregator->client": "agg->c"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,6 +97,9 @@ def parse_args(argv):
                         help="number of sites (default: 3 synthetic, or the folder's own sites)")
     parser.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
                         help=f"synthetic images per site, train and test (default: {','.join(map(str, data.SITE_SIZES))}, then 96)")
+    parser.add_argument("--same-scanner", action="store_true",
+                        help="synthetic sites all acquire with one scanner (data.SHARED_SCANNER): they then differ "
+                             "in size and prevalence only (default: each its own contrast, gamma, noise and blur)")
     parser.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
                         help="--data: keep its sites, or pool and split into --sites")
     parser.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
@@ -117,6 +117,9 @@ def parse_args(argv):
     parser.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
                         help="memory layout of images, activations and convolution weights (channels-last is "
                              "faster on this project's CPU and on GPUs; the numbers differ in the last bits)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the same seed gives the same models on a GPU too: deterministic kernels, no cuDNN "
+                             "autotuning (costs speed, see README; a CPU run is reproducible without it)")
     parser.add_argument("--schemes", type=scheme_list, default=",".join(SCHEMES), metavar="LIST",
                         help="comma-separated schemes to run")
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
@@ -179,8 +182,8 @@ def parse_args(argv):
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install -e \".[plot]\"")
-    if args.site_sizes and args.data:
-        parser.error("--site-sizes is for the synthetic federation, not --data")
+    if (args.site_sizes or args.same_scanner) and args.data:
+        parser.error(f"{'--site-sizes' if args.site_sizes else '--same-scanner'} is for the synthetic federation, not --data")
     if args.site_sizes and args.sites and args.sites != len(args.site_sizes):
         parser.error(f"--sites {args.sites} but --site-sizes lists {len(args.site_sizes)} sites")
     if args.image_size < data.MIN_IMAGE_SIZE:  # the least that leaves DenseNet-121 1x1 pixels at its last cut
@@ -191,15 +194,16 @@ def parse_args(argv):
 
 class Profile:
     """Where one scheme's training time goes: forward passes, backward passes, optimizer steps, transfers
-    (`Run.send`) and the rest (batches, loss, bookkeeping), and peak memory. Timed with global hooks, paused
-    while a round is scored; on CUDA it synchronises at every boundary, so the run itself is slower."""
+    (`Run.send`) and the rest (batches, loss, bookkeeping), and peak memory. Timed with global hooks while
+    the run's own clock runs (set-up, warm-up and scoring apart); on CUDA it synchronises at every boundary,
+    so the run itself is slower."""
 
     PARTS = ("forward", "backward", "optimizer", "transfers")
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
-        self.depth, self.started, self.paused = 0, None, False
+        self.depth, self.started, self.paused = 0, None, True
 
     def _now(self):
         if self.device.type == "cuda":
@@ -227,13 +231,19 @@ class Profile:
         return timed
 
     def _paused(self, function):
+        """`Run.end_round`: the run's clock stops, until its next round starts it (`_resumed`)."""
         def paused(*args, **kwargs):
             self.paused = True
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.paused = False
+            return function(*args, **kwargs)
         return paused
+
+    def _resumed(self, function):
+        """`Run._start_clock`: where the run's clock starts, so does the profile's."""
+        def resumed(run):
+            if run._clock is None:
+                self.paused = False
+            return function(run)
+        return resumed
 
     @contextlib.contextmanager
     def measure(self):
@@ -247,14 +257,15 @@ class Profile:
                    torch.nn.modules.module.register_module_forward_hook(lambda *args: self._stop("forward")),
                    optimizer_hooks.register_optimizer_step_pre_hook(self._start),
                    optimizer_hooks.register_optimizer_step_post_hook(lambda *args: self._stop("optimizer"))]
-        originals = torch.Tensor.backward, common.Run.send, common.Run.end_round
+        originals = torch.Tensor.backward, common.Run.send, common.Run.end_round, common.Run._start_clock
         torch.Tensor.backward = self._timed("backward", torch.Tensor.backward)
         common.Run.send = self._timed("transfers", common.Run.send)
         common.Run.end_round = self._paused(common.Run.end_round)
+        common.Run._start_clock = self._resumed(common.Run._start_clock)
         try:
             yield self
         finally:
-            torch.Tensor.backward, common.Run.send, common.Run.end_round = originals
+            torch.Tensor.backward, common.Run.send, common.Run.end_round, common.Run._start_clock = originals
             for handle in handles:
                 handle.remove()
         if self.device.type == "cuda":
@@ -268,14 +279,14 @@ class Profile:
         total = result["seconds"]
         shares = [f"{100 * self.seconds[part] / total:.0f}%" for part in self.PARTS]
         other = f"{100 * (1 - sum(self.seconds.values()) / total):.0f}%"
-        return [result["scheme"], f"{images / total:.1f}", *shares, other, human(self.peak_bytes, "B")]
+        return [result["scheme"], f"{images / total:.1f}", *shares, other, report.human(self.peak_bytes, "B")]
 
 
 def load_sites(args):
     if args.data is None:
         sizes = args.site_sizes
         return data.synthetic_sites(num_sites=len(sizes) if sizes else args.sites or 3, image_size=args.image_size,
-                                    site_sizes=sizes, shapes_only=args.costs_only)
+                                    site_sizes=sizes, shapes_only=args.costs_only, same_scanner=args.same_scanner)
     train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites,
                                               partition=args.partition)
     if args.costs_only:  # counting needs the shapes only
@@ -300,231 +311,93 @@ def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops):
     return compute + transfer_bytes * 8 / (bandwidth_mbit * 1e6)
 
 
-def human(number, unit=""):
-    if number is None:
-        return "-"
-    for prefix in ("", "k", "M", "G", "T", "P"):
-        if abs(number) < 1000 or prefix == "P":
-            return f"{number:.3g} {prefix}{unit}".strip() if prefix or unit else f"{number:.3g}"
-        number /= 1000
+def one_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
 
 
-def mean_std(values, digits=3):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+def attempt(what, function, failed, say):
+    """`function()`, run after training: if it raises, the one-line cause goes to `failed[what]` and is
+    printed, and None is returned, so that a failing measurement never loses what training computed."""
+    try:
+        return function()
+    except distributed.PartyFailed:
+        raise
+    except Exception as error:
+        failed[what] = one_line(error)
+        say(f"{what} failed: {failed[what]}", flush=True)
+        return None
 
 
-def auroc_cell(done):
-    """The pooled AUROC with its 95% interval, or mean ± std over seeds when there are several."""
-    if len(done) > 1 or done[0]["auroc_interval"] is None:
-        return mean_std([row["auroc"] for row in done])
-    low, high = done[0]["auroc_interval"]
-    return f"{done[0]['auroc']:.3f} [{low:.2f}, {high:.2f}]"
-
-
-def table(rows):
-    """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
-    wire = any("wire_bytes" in row for row in rows)
-    header = (["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc"] + [LINK_NAMES[link] for link in LINKS]
-              + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"]
-              + ["labels", "dCor² (shuf.)"])
-    lines = [header]
-    for scheme in dict.fromkeys(row["scheme"] for row in rows):
-        runs = [row for row in rows if row["scheme"] == scheme]
-        done = [row for row in runs if not row.get("error")]
-        if not done:
-            lines.append([scheme, "failed: " + runs[0]["error"]])
-            continue
-        first = done[0]
-        sites = [a for row in done for a in (row["site_auroc"] or []) if a is not None]
-        lines.append([scheme, auroc_cell(done) if first["auroc"] is not None else "-",
-                      f"{statistics.mean(sites):.2f} ({min(sites):.2f}–{max(sites):.2f})" if sites else "-",
-                      mean_std([row["accuracy"] for row in done], 2)]
-                     + [human(first["bytes"][link], "B") for link in LINKS]
-                     + [human(sum(first["bytes"].values()), "B")]
-                     + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
-                     + [human(first["flops"]["client"]),
-                        human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
-                        mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"]),
-                        "leave" if first.get("privacy", {}).get("labels_leave") else
-                        ("stay" if first.get("privacy") else "-"), privacy_cell(first)])
-    return align(lines)
-
-
-def align(lines):
-    """Columns padded to their widest cell; a short line (a failed scheme) is printed as it is."""
-    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) > 2) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     if len(line) > 2 else "  ".join(line) for line in lines)
-
-
-def plot(rows, path):
-    """Two panels: pooled AUROC per round for every scheme; final AUROC (with its interval) against total bytes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    done = [row for row in rows if not row.get("error") and row.get("auroc") is not None]
-    figure, (curves, tradeoff) = pyplot.subplots(1, 2, figsize=(11, 4.2))
-    for index, scheme in enumerate(dict.fromkeys(row["scheme"] for row in done)):
-        runs = [row for row in done if row["scheme"] == scheme]
-        per_round = [statistics.mean(entry["auroc"] for entry in entries if entry["auroc"] is not None)
-                     for entries in zip(*(row["history"] for row in runs))]
-        curves.plot(range(1, len(per_round) + 1), per_round, marker="os^vDPX"[index % 7], label=scheme,
-                    linestyle="-" if index % 2 == 0 else "--")  # lines that coincide (fedavg, sfv1) stay visible
-        final = statistics.mean(row["auroc"] for row in runs)
-        total = sum(runs[0]["bytes"].values())
-        interval = runs[0]["auroc_interval"] if len(runs) == 1 else None
-        error = [[final - interval[0]], [interval[1] - final]] if interval else None
-        tradeoff.errorbar(total, final, yerr=error, fmt="o", capsize=3)
-        tradeoff.annotate(scheme, (total, final), textcoords="offset points", xytext=(5, 5))
-    curves.set(xlabel="round", ylabel="pooled AUROC", title="AUROC per round")
-    curves.xaxis.get_major_locator().set_params(integer=True)
-    curves.legend()
-    tradeoff.set(xscale="log", xlabel="total bytes on all links", ylabel="final pooled AUROC (95% CI)",
-                 title="AUROC against communication")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    pyplot.close(figure)
-
-
-def add_ratios(rows):
-    """Each row's wall time over centralized training's with the same seed, whichever ran first."""
-    central = {row["seed"]: row["seconds"] for row in rows if row["scheme"] == "central" and row.get("seconds")}
-    for row in rows:
-        row["ratio"] = row["seconds"] / central[row["seed"]] if row.get("seconds") and row["seed"] in central else None
-
-
-def what_the_server_learns(scheme, models, train_sets, args, say):
+def what_the_server_learns(scheme, models, train_sets, args, failed, say):
     """A scheme's privacy: what leaves a site, whether labels do, and for the split schemes how much of each
     site's training images the activations it sends still carry (dCor², and shuffled pairs: 0 means nothing);
-    with --attack a reconstruction of site 0's images from site 1's, with --label-private the label leak."""
+    with --attack a reconstruction of site 0's images from site 1's, with --label-private the label leak.
+    Each measurement that fails is noted in `failed` and the others go on."""
     found = dict(sends=SENDS.get(scheme, "activations"),
                  labels_leave=scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private))
     if scheme not in SPLIT_SCHEMES or models is None:
         return found
-    leaks = [privacy.leakage(model[0], train_set.images, args.batch_size) for model, train_set in zip(models, train_sets)]
-    found.update(dcor=[leak["dcor"] for leak in leaks], dcor_shuffled=[leak["dcor_shuffled"] for leak in leaks])
+    leaks = attempt("dCor²", lambda: [privacy.leakage(model[0], train_set.images, args.batch_size)
+                                                for model, train_set in zip(models, train_sets)], failed, say)
+    if leaks:
+        found.update(dcor=[leak["dcor"] for leak in leaks], dcor_shuffled=[leak["dcor_shuffled"] for leak in leaks])
     if args.attack and len(train_sets) > 1:
-        say(f"{scheme}: reconstruction attack at {args.cut}", flush=True)
-        found["attack"] = privacy.reconstruction_attack(models[0][0], train_sets[1].images, train_sets[0].images,
-                                                        args.batch_size)
+        say(f"reconstruction attack at {args.cut}", flush=True)
+        attack = attempt("attack", lambda: privacy.reconstruction_attack(
+            models[0][0], train_sets[1].images, train_sets[0].images, args.batch_size), failed, say)
+        if attack:
+            found["attack"] = attack
     if args.label_private:
-        found["label_leak"] = [privacy.label_leak(model[0], model[1], train_set.images, train_set.labels, args.batch_size)
-                               for model, train_set in zip(models, train_sets)]
+        leak = attempt("label leak", lambda: [
+            privacy.label_leak(model[0], model[1], train_set.images, train_set.labels, args.batch_size)
+            for model, train_set in zip(models, train_sets)], failed, say)
+        if leak:
+            found["label_leak"] = leak
     return found
 
 
-def privacy_cell(row):
-    """dCor² at the cut, mean over sites, with the shuffled pairs' value; or what the scheme sends instead."""
-    found = row.get("privacy")
-    if not found:
-        return "-"
-    if "dcor" not in found:
-        return found["sends"]
-    return f"{statistics.mean(found['dcor']):.2f} ({statistics.mean(found['dcor_shuffled']):.2f})"
+def set_determinism(deterministic):
+    """--deterministic: deterministic kernels only (an error names any operation that has none), no cuDNN
+    autotuning, and a fixed cuBLAS workspace (read when cuBLAS starts, so this runs before any CUDA work).
+    The CPU is deterministic for a given number of threads without it."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = False
 
 
-def privacy_table(rows):
-    lines = [["scheme", "sends", "labels leave", "dCor² (shuffled)", "SSIM (floor)", "PSNR dB (floor)",
-              "label leak AUROC norm / cos"]]
-    for row in rows:
-        found = row.get("privacy")
-        if not found or row["seed"] != rows[0]["seed"]:
-            continue
-        attack, leak = found.get("attack"), found.get("label_leak")
-        lines.append([row["scheme"], found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row),
-                      f"{attack['ssim']:.3f} ({attack['ssim_floor']:.3f})" if attack else "-",
-                      f"{attack['psnr']:.1f} ({attack['psnr_floor']:.1f})" if attack else "-",
-                      " / ".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))
-                      if leak else "-"])
-    return align(lines)
-
-
-def cuts_table(cuts):
-    attack = "ssim" in cuts[0]
-    lines = [["cut", "dCor²", "shuffled"] + (["SSIM", "floor", "PSNR dB", "floor"] if attack else [])]
-    for row in cuts:
-        lines.append([row["cut"], f"{row['dcor']:.3f}", f"{row['dcor_shuffled']:.3f}"]
-                     + ([f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}", f"{row['psnr']:.1f}",
-                         f"{row['psnr_floor']:.1f}"] if attack else []))
-    return align(lines)
-
-
-def plot_cuts(cuts, path):
-    """dCor² (and reconstruction SSIM over its floor) at every cut."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(8, 3.6))
-    names = [row["cut"] for row in cuts]
-    axes.plot(names, [row["dcor"] for row in cuts], marker="o", label="dCor² (images, activations)")
-    axes.plot(names, [row["dcor_shuffled"] for row in cuts], linestyle=":", label="dCor², shuffled pairs")
-    if "ssim" in cuts[0]:
-        axes.plot(names, [row["ssim"] - row["ssim_floor"] for row in cuts], marker="s", label="SSIM above the floor")
-    axes.set(xlabel="cut", ylabel="value", title="what the activations at each cut carry")
-    axes.tick_params(axis="x", rotation=45)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    pyplot.close(figure)
-
-
-def save_models(result, train_sets, args, seed):
-    """Each site's deployed model as {"client": state dict, "server": state dict}, the parts of
-    `split_densenet121(cut)`, and beside them model.json: what it takes to load and use them."""
-    folder = os.path.join(args.save, result["scheme"] + (f"-seed{seed}" if args.seeds > 1 else ""))
-    os.makedirs(folder, exist_ok=True)
-    for site, model in enumerate(result["models"]):
-        client_model, server_model = model
-        torch.save({"client": client_model.state_dict(), "server": server_model.state_dict()},
-                   os.path.join(folder, f"site-{site}.pt"))
-    info = dict(scheme=result["scheme"], seed=seed, cut=args.cut, bn=args.bn, image_size=args.image_size,
-                in_channels=int(train_sets[0].images.shape[1]), num_classes=1,
-                label_private=args.label_private and result["scheme"] in SPLIT_SCHEMES,
-                sites=[train_set.name for train_set in train_sets],
-                files=[f"site-{site}.pt" for site in range(len(result["models"]))],
-                auroc=result["auroc"], site_auroc=result["site_auroc"])
-    with open(os.path.join(folder, "model.json"), "w") as file:
-        json.dump(info, file, indent=1)
-
-
-def write_outputs(rows, args):
-    """Rewrite --json, --csv and --save's results.json with every row so far, so that nothing finished is lost."""
-    for path in (args.json, args.save and os.path.join(args.save, "results.json")):
-        if path:
-            with open(path, "w") as file:
-                json.dump(rows, file, indent=1)
-    if args.csv:
-        columns = (["scheme", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
-                    "site_auroc_max", "accuracy"]
-                   + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
-                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "error"])
-        with open(args.csv, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(columns)
-            for row in rows:
-                sites = [a for a in row.get("site_auroc") or [] if a is not None]
-                low, high = row.get("auroc_interval") or (None, None)
-                writer.writerow([row["scheme"], row["seed"], args.bn, row.get("auroc"), low, high,
-                                 statistics.mean(sites) if sites else None, min(sites, default=None),
-                                 max(sites, default=None), row.get("accuracy")]
-                                + [row.get("bytes", {}).get(link) for link in LINKS]
-                                + [row.get("flops", {}).get(party) for party in PARTIES]
-                                + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"),
-                                   row.get("privacy", {}).get("labels_leave"),
-                                   *(statistics.mean(row["privacy"][key]) if "dcor" in row.get("privacy", {}) else None
-                                     for key in ("dcor", "dcor_shuffled")), row.get("error")])
+def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say):
+    """One scheme trained from the seed's initial weights: (result, its `Profile` or None)."""
+    torch.manual_seed(seed)
+    client_model, server_model = split_densenet121(args.cut)
+    image_shape = train_sets[0].images.shape[1:]
+    if args.label_private and scheme in SPLIT_SCHEMES:
+        client_model, server_model = label_private(client_model, server_model)
+    if args.costs_only:
+        client_model, server_model = cost_only(client_model, server_model, image_shape)
+    if transport:
+        transport.scheme = scheme
+        client_model, server_model = transport.parts(client_model, server_model, image_shape)
+    profile = Profile(args.device)
+    with profile.measure() if args.profile else contextlib.nullcontext():
+        result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
+                                 batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn,
+                                 device=args.device, costs_only=args.costs_only,
+                                 channels_last=args.layout == "channels-last", transport=transport,
+                                 log=lambda line: say(line, flush=True))
+    return result, profile if args.profile else None
 
 
 def main(argv=None):
-    """Run the bench; returns the rows the table shows (one per scheme and seed)."""
+    """Run the bench; returns the rows the table shows (one per scheme and seed).
+
+    A scheme that fails keeps the other rows; a measurement after training that fails (a privacy measure,
+    saving, the sweep, the plot) keeps its row, marked where its column is (the row's "failed"). Each failure
+    ends as one line on stderr, and, run from the command line, the exit status is then 1.
+    """
     args, parser = parse_args(argv)
+    set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
@@ -545,50 +418,39 @@ def main(argv=None):
     say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
         f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
-    rows, profiles, sweep = [], [], None
+    rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
     for seed in range(args.seeds):
         for scheme in args.schemes:
             row = dict(scheme=scheme, seed=seed, bn=args.bn)
             try:
-                torch.manual_seed(seed)
-                client_model, server_model = split_densenet121(args.cut)
-                image_shape = train_sets[0].images.shape[1:]
-                if args.label_private and scheme in SPLIT_SCHEMES:
-                    client_model, server_model = label_private(client_model, server_model)
-                if args.costs_only:
-                    client_model, server_model = cost_only(client_model, server_model, image_shape)
-                if transport:
-                    transport.scheme = scheme
-                    client_model, server_model = transport.parts(client_model, server_model, image_shape)
-                profile = Profile(args.device)
-                with profile.measure() if args.profile else contextlib.nullcontext():
-                    result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
-                                             batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16,
-                                             bn=args.bn, device=args.device, costs_only=args.costs_only,
-                                             channels_last=args.layout == "channels-last", transport=transport,
-                                             log=lambda line: say(line, flush=True))
-                if args.profile:
-                    profiles.append(profile.row(result))
-                if args.save and rank == 0:
-                    save_models(result, train_sets, args, seed)
-                trained = None if args.costs_only or transport else result["models"]
-                result["privacy"] = what_the_server_learns(scheme, trained, train_sets, args, say)
-                if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
-                    sweep = scheme, result["models"][0]
-                result.pop("models")
+                result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, say)
+            except distributed.PartyFailed as error:
+                distributed.stop(rank, str(error))
+            except Exception as error:  # one scheme failing never loses the rows already finished
+                row["error"] = one_line(error)
+                say(f"{scheme} failed: {row['error']}", flush=True)
+            else:
+                models = result.pop("models")
                 row.update(result)
                 row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
                 if args.costs_only:
                     row["seconds"] = None
-            except distributed.PartyFailed as error:
-                distributed.stop(rank, str(error))
-            except Exception as error:  # one scheme failing never loses the rows already finished
-                row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                say(f"{scheme} failed: {row['error']}", flush=True)
+                row_failed, row_say = {}, lambda line, **options: say(f"{scheme}: {line}", **options)
+                if profile:
+                    profiles.append(attempt("profile", lambda: profile.row(row), row_failed, row_say))
+                if args.save and rank == 0:
+                    attempt("save", lambda: report.save_models(models, row, train_sets, args, args.label_private
+                                                               and scheme in SPLIT_SCHEMES), row_failed, row_say)
+                trained = None if args.costs_only or transport else models
+                row["privacy"] = what_the_server_learns(scheme, trained, train_sets, args, row_failed, row_say)
+                if row_failed:
+                    row["failed"] = row_failed
+                if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
+                    sweep = scheme, models[0]
             rows.append(row)
-            add_ratios(rows)
+            report.add_ratios(rows)
             if rank == 0:
-                write_outputs(rows, args)
+                attempt("writing the results", lambda: report.write_outputs(rows, args), failed, say)
     if transport:
         transport.close()
         if rank != 0:
@@ -597,25 +459,34 @@ def main(argv=None):
     print(f"BatchNorm statistics: {args.bn}. AUROC: pooled over every site's test images, each site scored by "
           f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples."
           + (" wire: payload bytes the processes sent (evaluation apart)." if transport else ""))
-    print(table(rows))
+    print(report.table(rows))
     if args.attack or args.label_private:
         print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
               "the attacker site 1):")
-        print(privacy_table(rows))
+        print(report.privacy_table(rows))
     if sweep is not None:
         scheme, (client_model, server_model) = sweep
         print(f"\nthe server's view at every cut of {scheme}'s model (site 0's training images"
               f"{'; the attacker: site 1' if args.attack else ''}):")
-        cuts = privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size, attack=args.attack)
-        print(cuts_table(cuts))
-        if args.plot:
-            plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png")
-    if profiles:
+        cuts = attempt("cuts sweep", lambda: privacy.cuts_sweep(client_model, server_model, train_sets,
+                                                                args.batch_size, attack=args.attack), failed, say)
+        if cuts:
+            print(report.cuts_table(cuts))
+            if args.plot:
+                attempt("cuts plot", lambda: report.plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png"),
+                        failed, say)
+    if any(profiles):
         print(f"\nwhere training time goes ({args.device}):")
-        print(align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + profiles))
+        print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
     if args.plot:
-        plot(rows, args.plot)
-        print(f"plot: {args.plot}")
+        attempt("plot", lambda: report.plot(rows, args.plot), failed, say)
+        if "plot" not in failed:
+            print(f"plot: {args.plot}")
+    problems = report.failures(rows) + [f"{what} failed: {cause}" for what, cause in failed.items()]
+    for problem in problems:
+        print(f"bench.py: error: {problem}", file=sys.stderr, flush=True)
+    if problems and argv is None:
+        sys.exit(1)
     return rows
 
 
@@ -642,7 +513,8 @@ def load_own_site(args, site):
     if args.data is None:
         sizes = args.site_sizes
         train_sets, test_sets = data.synthetic_sites(num_sites=len(sizes) if sizes else args.sites or 3,
-                                                     image_size=args.image_size, site_sizes=sizes, only_site=site)
+                                                     image_size=args.image_size, site_sizes=sizes, only_site=site,
+                                                     same_scanner=args.same_scanner)
         return train_sets[site], test_sets[site]
     if len(data.site_names(args.data)) == 1:
         train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size)
@@ -653,4 +525,3 @@ def load_own_site(args, site):
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

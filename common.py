@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet_split import nbytes
+from densenet_split import is_label_private, nbytes, output_shape
 
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
@@ -110,7 +110,7 @@ def recompute_batchnorm(model, batches, autocast=contextlib.nullcontext):
     with batchnorm_statistics(model):
         for images, _ in batches:
             with autocast():
-                model(images)
+                model(to_model(images, model))
     return model
 
 
@@ -121,6 +121,14 @@ def batch_bounds(num_examples, batch_size):
     if len(ends) > 1 and ends[-1] - ends[-2] == 1:
         del ends[-2]
     return list(zip([0] + ends[:-1], ends))
+
+
+def to_model(tensor, model):
+    """`tensor` where `model` computes: on its device and, if floating point, in its dtype. Every function that
+    puts data through a model it did not place itself calls this, so that a model trained on a GPU (or kept
+    in another dtype) is measured, scored and saved where it is."""
+    weight = next(model.parameters())
+    return tensor.to(device=weight.device, dtype=weight.dtype if tensor.is_floating_point() else tensor.dtype)
 
 
 def party_kind(party):
@@ -159,7 +167,11 @@ class Run:
         self.image_shape = tuple(train_sets[0][0][0].shape)
         self._loss_sum = torch.zeros((), device=self.device)
         self._num_losses = 0
-        self._clock = time.perf_counter()
+        self._clock = None  # started by the round's first transfer or batch (`_start_clock`): set-up is not timed
+
+    def _start_clock(self):
+        if self._clock is None:
+            self._clock = time.perf_counter()
 
     def send(self, source, destination, *tensors):
         """Count what goes from one party to another (tensors, state dicts, optimizer state) on their link,
@@ -170,6 +182,7 @@ class Run:
         given tensors where they are real (a state dict lands in its model) and into new ones where they are
         placeholders; every other process gets shape-only placeholders back and carries on.
         """
+        self._start_clock()
         link = f"{party_kind(source)}->{party_kind(destination)}"
         self.bytes[link] += nbytes(tensors)
         if self.cfg["transport"] is not None:
@@ -181,11 +194,39 @@ class Run:
 
     def place(self, *models):
         """Put model parts on the run's device, in training mode; channels-last where the run uses it
-        (convolutions on NHWC data are faster on this CPU and on GPUs; see README)."""
+        (convolutions on NHWC data are faster on this CPU and on GPUs; see README). Then warm them up."""
         for model in models:
             model.to(self.device).train()
             if self.cfg["channels_last"]:
                 model.to(memory_format=torch.channels_last)
+        if not self.cfg["costs_only"]:
+            self.warm_up(*models)
+
+    def warm_up(self, *models):
+        """One untimed training step of a copy of each model part, per batch size this run will train with:
+        first kernel loads, cuDNN's choices and allocator growth happen here, so that the first scheme of a
+        run does not pay them in its round 1. The parts, their optimizers and the random state are untouched.
+        `models` are the parts in the order data flows through them (a label-private client's head last);
+        a part held by another process (meta weights, under a transport) is skipped."""
+        parts = [*models, models[0].head] if is_label_private(models[0]) else list(models)
+        sizes = {end - start for dataset in self.train_sets for start, end in batch_bounds(len(dataset), self.batch_size)}
+        shape = self.image_shape
+        for index, part in enumerate(parts):
+            if not next(part.parameters()).is_meta:
+                part = copy.deepcopy(part)
+                optimizer = self.optimizer(part)
+                for size in sorted(sizes):
+                    inputs = torch.zeros(size, *shape, device=self.device, requires_grad=index > 0)
+                    if self.cfg["channels_last"] and inputs.dim() == 4:
+                        inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    with self.autocast():
+                        outputs = part(inputs)
+                    outputs.float().sum().backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            shape = output_shape(part, shape)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock starts on an idle GPU
 
     def optimizer(self, model):
         """Adam for one model copy, fused (one kernel over all its weights) where the device has it.
@@ -208,6 +249,7 @@ class Run:
 
         Images on the meta device (a cost-only run) stay there, and so do their labels.
         """
+        self._start_clock()
         images, labels = tensors(dataset)
         if shuffle:
             seed = np.random.SeedSequence([self.cfg["seed"], site, round]).generate_state(1)[0]
@@ -243,7 +285,7 @@ class Run:
         """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - self._clock
+        self.seconds += time.perf_counter() - self._clock if self._clock is not None else 0.0
         entry = dict(round=round + 1, loss=None, seconds=self.seconds, auroc=None, auroc_interval=None,
                      site_auroc=None, accuracy=None)
         self.deployed = models
@@ -267,7 +309,7 @@ class Run:
             loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
             self.cfg["log"](f"{self.scheme} round {round + 1}/{self.rounds} loss {loss} auroc {score} "
                             f"elapsed {self.seconds:.1f}s")
-        self._clock = time.perf_counter()
+        self._clock = None
 
     def deploy(self, models):
         """What each site deploys. bn="local": a copy of its model whose BatchNorm statistics are recomputed
@@ -286,7 +328,7 @@ class Run:
             training = model.training
             model.eval()
             with self.autocast():
-                logits = [model(images).float().squeeze(1).cpu()
+                logits = [model(to_model(images, model)).float().squeeze(1).cpu()
                           for images, _ in self.batches(test_set, 0, 0, shuffle=False)]
             model.train(training)
             scores.append(torch.cat(logits))

@@ -21,6 +21,7 @@ CLASS_NAMES = {"0": 0, "normal": 0, "negative": 0, "neg": 0, "healthy": 0,
                "1": 1, "tb": 1, "positive": 1, "pos": 1, "tuberculosis": 1, "abnormal": 1}
 LESION_STRENGTH = (0.15, 0.5)  # opacity over the lung field: low end hard to see, high end obvious
 SITE_SIZES = (340, 214, 128)  # train + test; 256, 160, 96 for training: whole batches of 32. Then 96 each.
+SHARED_SCANNER = dict(contrast=0.8, gamma=1.0, noise=0.045, blur=0.6)  # the middle of every site's range
 MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
 
 
@@ -128,12 +129,13 @@ def _acquire(images, rng, contrast, gamma, noise, blur):
 
 
 def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25,
-                    shapes_only=False, only_site=None):
+                    shapes_only=False, only_site=None, same_scanner=False):
     """The default federation: synthetic chest X-rays, non-IID across sites, generated from `seed`.
 
     Sites differ in size (default `SITE_SIZES`, then 96 each: 256, 160, 96, then 72 training images),
     prevalence of tuberculosis (default 0.5, 0.3, 0.4, 0.25, ...) and acquisition (contrast,
-    gamma, noise, blur).
+    gamma, noise, blur). `same_scanner`: every site acquires with `SHARED_SCANNER` instead of its own (the
+    same patients and labels; the sites then differ in size and prevalence only).
     `shapes_only`: the same sites and labels, with images on the meta device (shapes, no pixels), for counting costs.
     `only_site`: make the images of that site only, the others shapes only (a client of a distributed run).
     """
@@ -156,8 +158,9 @@ def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevale
         else:
             images = torch.stack([_chest(rng, x, y, label == 1) for label in labels]).unsqueeze(1)
             scanner = dict(contrast=rng.uniform(0.6, 1.0), gamma=rng.uniform(0.7, 1.4),
-                           noise=rng.uniform(0.02, 0.07), blur=rng.uniform(0, 1.2) * image_size / 64)
-            images = _acquire(images, rng, **scanner)
+                           noise=rng.uniform(0.02, 0.07), blur=rng.uniform(0, 1.2))
+            scanner = SHARED_SCANNER if same_scanner else scanner
+            images = _acquire(images, rng, **dict(scanner, blur=scanner["blur"] * image_size / 64))
         train, test = _train_test(images, torch.from_numpy(labels), f"synthetic-{site}", test_fraction, rng)
         train_sets.append(train)
         test_sets.append(test)

@@ -61,11 +61,11 @@ def centralized(model, train_sets, test_sets, **cfg):
     """The baseline: the sites' images pooled at the server, one model, one optimizer."""
     run = Run("central", train_sets, test_sets, parallel=True, **cfg)
     run.place(model)
+    optimizer = run.optimizer(model)
+    flops_per_sample = training_flops(model, run.image_shape)
     uploads = [run.send(site, "server", *tensors(train_set)) for site, train_set in enumerate(train_sets)]
     images, labels = zip(*uploads)  # the raw images and their labels, uploaded once
     pool = Site(torch.cat(images), torch.cat(labels), "pool")
-    optimizer = run.optimizer(model)
-    flops_per_sample = training_flops(model, run.image_shape)
     for round in range(run.rounds):
         local_epoch(run, model, optimizer, pool, 0, round, "server", flops_per_sample)
         run.end_round(round, [model] * len(test_sets))

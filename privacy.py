@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import auroc, batch_bounds
+from common import auroc, batch_bounds, to_model
 from densenet_split import CUTS, merge, split_model
 
 
@@ -33,24 +33,32 @@ def distance_correlation(x, z, chunk_size=1 << 16):
     1 when z is a distance-preserving map of x. The pairwise distances come from Gram matrices summed in
     float64 over chunks of `chunk_size` features, so that even 224 px activations at conv0 fit in memory.
     """
-    n = len(x)
-    if n < 4 or len(z) != n:
-        raise ValueError(f"distance correlation needs the same number of samples, at least 4, not {n} and {len(z)}")
+    if len(x) != len(z):
+        raise ValueError(f"distance correlation needs the same number of samples, not {len(x)} and {len(z)}")
+    return _dcor(u_centred_distances(x, chunk_size), u_centred_distances(z, chunk_size))
 
-    def u_centred_distances(samples):
-        samples = samples.reshape(n, -1)
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        for start in range(0, samples.shape[1], chunk_size):
-            part = samples[:, start:start + chunk_size].double().cpu()
-            gram += part @ part.T
-        squared = gram.diagonal()
-        a = (squared[:, None] + squared[None, :] - 2 * gram).clamp(min=0).sqrt()
-        a.fill_diagonal_(0)
-        rows = a.sum(1)
-        centred = a - rows[:, None] / (n - 2) - rows[None, :] / (n - 2) + rows.sum() / ((n - 1) * (n - 2))
-        return centred.fill_diagonal_(0)
 
-    a, b = u_centred_distances(x), u_centred_distances(z)
+def u_centred_distances(samples, chunk_size=1 << 16):
+    """The U-centred matrix A of pairwise distances between n samples (float64, on the CPU): see
+    `distance_correlation`. Shuffling the samples shuffles its rows and columns alike."""
+    n = len(samples)
+    if n < 4:
+        raise ValueError(f"distance correlation needs at least 4 samples, not {n}")
+    samples = samples.reshape(n, -1)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, samples.shape[1], chunk_size):
+        part = samples[:, start:start + chunk_size].double().cpu()
+        gram += part @ part.T
+    squared = gram.diagonal()
+    a = (squared[:, None] + squared[None, :] - 2 * gram).clamp(min=0).sqrt()
+    a.fill_diagonal_(0)
+    rows = a.sum(1)
+    centred = a - rows[:, None] / (n - 2) - rows[None, :] / (n - 2) + rows.sum() / ((n - 1) * (n - 2))
+    return centred.fill_diagonal_(0)
+
+
+def _dcor(a, b):
+    """dCor² from two U-centred distance matrices."""
     ab, aa, bb = (a * b).sum(), (a * a).sum(), (b * b).sum()
     if aa <= 0 or bb <= 0:
         return 0.0
@@ -60,17 +68,18 @@ def distance_correlation(x, z, chunk_size=1 << 16):
 @torch.no_grad()
 def sent_activations(client_model, images, batch_size):
     """The activations a client sends for `images`, as in training (train mode, in its batch size), from a
-    copy so that the model's BatchNorm statistics are untouched."""
+    copy so that the model's BatchNorm statistics are untouched; in float32, where the model is."""
     client_model = copy.deepcopy(client_model).train()
-    return torch.cat([client_model(images[start:end]).float() for start, end in batch_bounds(len(images), batch_size)])
+    return torch.cat([client_model(to_model(images[start:end], client_model)).float()
+                      for start, end in batch_bounds(len(images), batch_size)])
 
 
 def leakage(client_model, images, batch_size, seed=0):
     """dCor² between a site's images and the activations it sends, and with the pairs shuffled."""
-    activations = sent_activations(client_model, images, batch_size)
+    a = u_centred_distances(images)
+    b = u_centred_distances(sent_activations(client_model, images, batch_size))
     shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return dict(dcor=distance_correlation(images, activations),
-                dcor_shuffled=distance_correlation(images, activations[shuffled]))
+    return dict(dcor=_dcor(a, b), dcor_shuffled=_dcor(a, b[shuffled][:, shuffled]))
 
 
 def ssim(a, b, window=11, sigma=1.5):
@@ -113,9 +122,18 @@ class Decoder(nn.Module):
         self.template = nn.Parameter(torch.logit(mean_image.reshape(1, 1, size, size), eps=1e-3))
 
     def forward(self, activations):
-        features = self.layers(activations)
-        features = F.interpolate(features, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        features = upsample(self.layers(activations), self.size)
         return torch.sigmoid(self.out(features) + self.template)
+
+
+def upsample(images, size):
+    """Bilinear resizing of (..., h, w) to (..., size, size), as `F.interpolate(mode="bilinear",
+    align_corners=False)` computes it, written as two products with the 1-D interpolation matrices: its
+    backward pass is deterministic on a GPU, where interpolate's is not (`--deterministic` would refuse it)."""
+    def weights(length):  # (size, length): row y holds the weights of the inputs that output y mixes
+        identity = torch.eye(length, dtype=images.dtype, device=images.device)[None]
+        return F.interpolate(identity, size=size, mode="linear", align_corners=False)[0].T
+    return weights(images.shape[-2]) @ images @ weights(images.shape[-1]).T
 
 
 def reconstruction_attack(client_model, attacker_images, victim_images, batch_size, steps=1000, target_size=None,
@@ -129,14 +147,14 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
     the attacker's mean image offered as every victim image.
     """
     size = target_size or min(attacker_images.shape[-1], 64)
-    shrink = lambda images: F.interpolate(images.float(), size=(size, size), mode="area")
-    known, known_images = sent_activations(client_model, attacker_images, batch_size), shrink(attacker_images)
-    victim, victim_images = sent_activations(client_model, victim_images, batch_size), shrink(victim_images)
+    known, victim = (sent_activations(client_model, images, batch_size) for images in (attacker_images, victim_images))
+    shrink = lambda images: F.interpolate(images.float(), size=(size, size), mode="area").to(known.device)
+    known_images, victim_images = shrink(attacker_images), shrink(victim_images)
     mean_image = known_images.mean(0, keepdim=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    generator = torch.Generator().manual_seed(seed)  # the decoder's start and its batches: the same on every device
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = Decoder(known.shape[1], size, mean_image)
+        decoder = Decoder(known.shape[1], size, mean_image.cpu()).to(known.device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     for _ in range(steps):
         batch = torch.randint(len(known), (min(32, len(known)),), generator=generator)
@@ -167,12 +185,13 @@ def label_leak(client_model, server_model, images, labels, batch_size):
     client_model, server_model = copy.deepcopy(client_model).train(), copy.deepcopy(server_model).train()
     gradients = []
     for start, end in batch_bounds(len(images), batch_size):
-        batch, targets = images[start:end], labels[start:end]
+        batch = to_model(images[start:end], client_model)
         with torch.no_grad():
             features = server_model(client_model(batch))
         features.requires_grad_()
-        F.binary_cross_entropy_with_logits(client_model.head(features).squeeze(1), targets).backward()
-        gradients.append(features.grad.double())
+        logits = client_model.head(features).squeeze(1)
+        F.binary_cross_entropy_with_logits(logits, labels[start:end].to(logits)).backward()
+        gradients.append(features.grad.double().cpu())
     gradients = torch.cat(gradients)
     cosine = auroc(F.cosine_similarity(gradients, gradients[:1], dim=1), labels)
     return dict(norm_auroc=auroc(gradients.norm(dim=1), labels),

@@ -1,0 +1,226 @@
+"""What a run shows: the comparison table, the privacy tables, the pictures, and the files (JSON, CSV, the
+saved models). `bench.py` runs the experiment and calls these; nothing here trains or measures."""
+import csv
+import json
+import os
+import statistics
+
+import torch
+
+from common import LINKS, PARTIES
+
+LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
+              "client->aggregator": "c->agg", "aggregator->client": "agg->c"}
+
+
+def human(number, unit=""):
+    if number is None:
+        return "-"
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(number) < 1000 or prefix == "P":
+            return f"{number:.3g} {prefix}{unit}".strip() if prefix or unit else f"{number:.3g}"
+        number /= 1000
+
+
+def mean_std(values, digits=3):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+
+
+def auroc_cell(done):
+    """The pooled AUROC with its 95% interval, or mean ± std over seeds when there are several."""
+    if len(done) > 1 or done[0]["auroc_interval"] is None:
+        return mean_std([row["auroc"] for row in done])
+    low, high = done[0]["auroc_interval"]
+    return f"{done[0]['auroc']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def table(rows):
+    """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
+    wire = any("wire_bytes" in row for row in rows)
+    header = (["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc"] + [LINK_NAMES[link] for link in LINKS]
+              + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"]
+              + ["labels", "dCor² (shuf.)"])
+    lines = [header]
+    for scheme in dict.fromkeys(row["scheme"] for row in rows):
+        runs = [row for row in rows if row["scheme"] == scheme]
+        done = [row for row in runs if not row.get("error")]
+        if not done:
+            lines.append([scheme, "failed: " + runs[0]["error"]])
+            continue
+        first = done[0]
+        sites = [a for row in done for a in (row["site_auroc"] or []) if a is not None]
+        lines.append([scheme, auroc_cell(done) if first["auroc"] is not None else "-",
+                      f"{statistics.mean(sites):.2f} ({min(sites):.2f}–{max(sites):.2f})" if sites else "-",
+                      mean_std([row["accuracy"] for row in done], 2)]
+                     + [human(first["bytes"][link], "B") for link in LINKS]
+                     + [human(sum(first["bytes"].values()), "B")]
+                     + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
+                     + [human(first["flops"]["client"]),
+                        human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
+                        mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"]),
+                        "leave" if first.get("privacy", {}).get("labels_leave") else
+                        ("stay" if first.get("privacy") else "-"), privacy_cell(first)])
+    return align(lines)
+
+
+def align(lines):
+    """Columns padded to their widest cell; a short line (a failed scheme) is printed as it is."""
+    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) > 2) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     if len(line) > 2 else "  ".join(line) for line in lines)
+
+
+def add_ratios(rows):
+    """Each row's wall time over centralized training's with the same seed, whichever ran first."""
+    central = {row["seed"]: row["seconds"] for row in rows if row["scheme"] == "central" and row.get("seconds")}
+    for row in rows:
+        row["ratio"] = row["seconds"] / central[row["seed"]] if row.get("seconds") and row["seed"] in central else None
+
+
+def privacy_cell(row):
+    """dCor² at the cut, mean over sites, with the shuffled pairs' value; or what the scheme sends instead;
+    "failed" when the measurement failed (the row's "failed" says why)."""
+    found = row.get("privacy")
+    if not found:
+        return "-"
+    if "dCor²" in row.get("failed", {}):
+        return "failed"
+    if "dcor" not in found:
+        return found["sends"]
+    return f"{statistics.mean(found['dcor']):.2f} ({statistics.mean(found['dcor_shuffled']):.2f})"
+
+
+def privacy_table(rows):
+    lines = [["scheme", "sends", "labels leave", "dCor² (shuffled)", "SSIM (floor)", "PSNR dB (floor)",
+              "label leak AUROC norm / cos"]]
+    for row in rows:
+        found, failed = row.get("privacy"), row.get("failed", {})
+        if not found or row["seed"] != rows[0]["seed"]:
+            continue
+        attack, leak = found.get("attack"), found.get("label_leak")
+        missing = "failed" if "attack" in failed else "-"
+        lines.append([row["scheme"], found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row),
+                      f"{attack['ssim']:.3f} ({attack['ssim_floor']:.3f})" if attack else missing,
+                      f"{attack['psnr']:.1f} ({attack['psnr_floor']:.1f})" if attack else missing,
+                      " / ".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))
+                      if leak else "failed" if "label leak" in failed else "-"])
+    return align(lines)
+
+
+def cuts_table(cuts):
+    attack = "ssim" in cuts[0]
+    lines = [["cut", "dCor²", "shuffled"] + (["SSIM", "floor", "PSNR dB", "floor"] if attack else [])]
+    for row in cuts:
+        lines.append([row["cut"], f"{row['dcor']:.3f}", f"{row['dcor_shuffled']:.3f}"]
+                     + ([f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}", f"{row['psnr']:.1f}",
+                         f"{row['psnr_floor']:.1f}"] if attack else []))
+    return align(lines)
+
+
+def plot(rows, path):
+    """Two panels: pooled AUROC per round for every scheme; final AUROC (with its interval) against total bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    done = [row for row in rows if not row.get("error") and row.get("auroc") is not None]
+    figure, (curves, tradeoff) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    for index, scheme in enumerate(dict.fromkeys(row["scheme"] for row in done)):
+        runs = [row for row in done if row["scheme"] == scheme]
+        per_round = [statistics.mean(entry["auroc"] for entry in entries if entry["auroc"] is not None)
+                     for entries in zip(*(row["history"] for row in runs))]
+        curves.plot(range(1, len(per_round) + 1), per_round, marker="os^vDPX"[index % 7], label=scheme,
+                    linestyle="-" if index % 2 == 0 else "--")  # lines that coincide (fedavg, sfv1) stay visible
+        final = statistics.mean(row["auroc"] for row in runs)
+        total = sum(runs[0]["bytes"].values())
+        interval = runs[0]["auroc_interval"] if len(runs) == 1 else None
+        error = [[final - interval[0]], [interval[1] - final]] if interval else None
+        tradeoff.errorbar(total, final, yerr=error, fmt="o", capsize=3)
+        tradeoff.annotate(scheme, (total, final), textcoords="offset points", xytext=(5, 5))
+    curves.set(xlabel="round", ylabel="pooled AUROC", title="AUROC per round")
+    curves.xaxis.get_major_locator().set_params(integer=True)
+    curves.legend()
+    tradeoff.set(xscale="log", xlabel="total bytes on all links", ylabel="final pooled AUROC (95% CI)",
+                 title="AUROC against communication")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    pyplot.close(figure)
+
+
+def plot_cuts(cuts, path):
+    """dCor² (and reconstruction SSIM over its floor) at every cut."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(8, 3.6))
+    names = [row["cut"] for row in cuts]
+    axes.plot(names, [row["dcor"] for row in cuts], marker="o", label="dCor² (images, activations)")
+    axes.plot(names, [row["dcor_shuffled"] for row in cuts], linestyle=":", label="dCor², shuffled pairs")
+    if "ssim" in cuts[0]:
+        axes.plot(names, [row["ssim"] - row["ssim_floor"] for row in cuts], marker="s", label="SSIM above the floor")
+    axes.set(xlabel="cut", ylabel="value", title="what the activations at each cut carry")
+    axes.tick_params(axis="x", rotation=45)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    pyplot.close(figure)
+
+
+def save_models(models, row, train_sets, args, label_private):
+    """Each site's deployed model as {"client": state dict, "server": state dict} of CPU tensors (the parts of
+    `split_densenet121(cut)`, loadable on a machine without a GPU), and beside them model.json: what it takes
+    to load and use them."""
+    folder = os.path.join(args.save, row["scheme"] + (f"-seed{row['seed']}" if args.seeds > 1 else ""))
+    os.makedirs(folder, exist_ok=True)
+    for site, (client_model, server_model) in enumerate(models):
+        torch.save({part: {key: value.cpu() for key, value in model.state_dict().items()}
+                    for part, model in (("client", client_model), ("server", server_model))},
+                   os.path.join(folder, f"site-{site}.pt"))
+    info = dict(scheme=row["scheme"], seed=row["seed"], cut=args.cut, bn=args.bn, image_size=args.image_size,
+                in_channels=int(train_sets[0].images.shape[1]), num_classes=1, label_private=label_private,
+                sites=[train_set.name for train_set in train_sets], files=[f"site-{site}.pt" for site in range(len(models))],
+                auroc=row["auroc"], site_auroc=row["site_auroc"])
+    with open(os.path.join(folder, "model.json"), "w") as file:
+        json.dump(info, file, indent=1)
+
+
+def failures(rows):
+    """One line per scheme that failed and per measurement that failed after training."""
+    return ([f"{row['scheme']} (seed {row['seed']}) failed: {row['error']}" for row in rows if row.get("error")]
+            + [f"{row['scheme']} (seed {row['seed']}): {what} failed: {cause}"
+               for row in rows for what, cause in row.get("failed", {}).items()])
+
+
+def write_outputs(rows, args):
+    """Rewrite --json, --csv and --save's results.json with every row so far, so that nothing finished is lost."""
+    for path in (args.json, args.save and os.path.join(args.save, "results.json")):
+        if path:
+            with open(path, "w") as file:
+                json.dump(rows, file, indent=1)
+    if args.csv:
+        columns = (["scheme", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
+                    "site_auroc_max", "accuracy"]
+                   + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
+                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "error", "failed"])
+        with open(args.csv, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            for row in rows:
+                sites = [a for a in row.get("site_auroc") or [] if a is not None]
+                low, high = row.get("auroc_interval") or (None, None)
+                writer.writerow([row["scheme"], row["seed"], args.bn, row.get("auroc"), low, high,
+                                 statistics.mean(sites) if sites else None, min(sites, default=None),
+                                 max(sites, default=None), row.get("accuracy")]
+                                + [row.get("bytes", {}).get(link) for link in LINKS]
+                                + [row.get("flops", {}).get(party) for party in PARTIES]
+                                + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"),
+                                   row.get("privacy", {}).get("labels_leave"),
+                                   *(statistics.mean(row["privacy"][key]) if "dcor" in row.get("privacy", {}) else None
+                                     for key in ("dcor", "dcor_shuffled")), row.get("error"),
+                                   "; ".join(f"{what}: {cause}" for what, cause in row.get("failed", {}).items()) or None])
