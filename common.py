@@ -258,7 +258,7 @@ class Run:
         if self.cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         device = torch.device("meta") if images.is_meta else self.device
-        if device.type == "cuda":
+        if device.type == "cuda" and images.device.type == "cpu":  # (a distributed server's uploads are on the GPU)
             images, labels = images.pin_memory(), labels.pin_memory()
         for start, end in batch_bounds(len(labels), self.batch_size):
             yield images[start:end].to(device, non_blocking=True), labels[start:end].to(device, non_blocking=True)

@@ -521,8 +521,9 @@ def test_on_cuda_every_scheme_counts_the_same_and_computes_like_cpu(scheme, whol
     for on_gpu, on_cpu in zip(gpu["models"], cpu["models"]):
         for key, value in on_cpu.named_parameters():  # the weights: a few steps of 1e-7 from the same start
             assert torch.allclose(on_gpu.get_parameter(key).cpu(), value, rtol=1e-5, atol=1e-6), key
-        for key, value in on_cpu.named_buffers():  # each site's BatchNorm statistics, over as few as 15 values
-            assert torch.allclose(on_gpu.get_buffer(key).cpu().double(), value.double(), rtol=1e-3, atol=1e-5), key
+        for key, value in on_cpu.named_buffers():  # each site's BatchNorm statistics of features about 1 in size,
+            # over as few as 15 values: up to 2e-5 apart on an H200 (sfv2-batch), where rtol alone fails near 0
+            assert torch.allclose(on_gpu.get_buffer(key).cpu().double(), value.double(), rtol=1e-3, atol=1e-4), key
 
 
 @pytest.mark.cuda
