@@ -30,7 +30,7 @@ import privacy
 import report
 import splitfed
 import splitlearn
-from common import BN_SETTINGS
+from common import BN_SETTINGS, ORDERS
 from densenet_split import CUTS, cost_only, label_private, split_densenet121
 
 SCHEMES = {
@@ -68,6 +68,16 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"{text!r} must be positive")
         return value
     return parse
+
+
+def non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be zero or positive")
+    return value
 
 
 def scheme_list(text):
@@ -122,6 +132,9 @@ def parse_args(argv):
                         help="the same seed gives the same models on a GPU too: deterministic kernels, no cuDNN "
                              "autotuning (no measurable cost at batch 32 on an H200, see README; a CPU run is "
                              "reproducible without it)")
+    parser.add_argument("--order", choices=ORDERS, default="fixed",
+                        help="the order of split learning's and SplitFed v2's client turns: fixed (site order "
+                             "every round, as the paper did) or shuffled (a seeded order drawn each round)")
     parser.add_argument("--schemes", type=scheme_list, default=",".join(SCHEMES), metavar="LIST",
                         help="comma-separated schemes to run")
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
@@ -157,6 +170,9 @@ def parse_args(argv):
                              "backward, optimizer and transfers, and peak memory (synchronises the GPU at every step)")
     parser.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
                         help="deployment estimate: each link's bandwidth in Mbit/s")
+    parser.add_argument("--latency", type=non_negative, default=20.0, metavar="MS",
+                        help="deployment estimate: round-trip time between any two parties in ms (20: a hospital "
+                             "and a cloud server in the same region; 0.5: one LAN); every transfer waits half of it")
     parser.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
                         help="deployment estimate: a client's sustained TFLOP/s")
     parser.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
@@ -297,20 +313,26 @@ def load_sites(args):
     return train_sets, test_sets
 
 
-def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops):
-    """Estimated time to run the scheme for real: compute at the stated speeds plus transfers at the stated bandwidth.
+def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops, latency_ms):
+    """Estimated time to run the scheme for real: compute at the stated speeds, transfers at the stated
+    bandwidth, and every transfer's wait for the other side: one one-way delay (half the round-trip time).
 
     Sequential turns (split learning, SplitFed v2): everything adds up. Parallel clients (FedAvg, SplitFed
-    v1/v3, the centralized upload): the slowest client sets the pace; client work and activations scale with
-    a site's images, so the largest site's share is max(n)/sum(n), and each client moves 1/K of the weights.
+    v1/v3, the centralized upload): the slowest client sets the pace; client work and activations (their bytes
+    and their transfers) scale with a site's images, so the largest site's share is max(n)/sum(n), and each
+    client moves 1/K of the weights, in 1/K of the weight transfers.
     """
     sizes = row["num_examples"]
     share, weight_share = (max(sizes) / sum(sizes), 1 / len(sizes)) if row["parallel"] else (1.0, 1.0)
-    flops, sent = row["flops"], row["bytes"]
+
+    def on_the_critical_path(per_link):  # bytes or transfers
+        return ((per_link["client->server"] + per_link["server->client"]) * share + per_link["client->client"]
+                + (per_link["client->aggregator"] + per_link["aggregator->client"]) * weight_share)
+
+    flops = row["flops"]
     compute = (flops["client"] * share / client_tflops + (flops["server"] + flops["aggregator"]) / server_tflops) / 1e12
-    transfer_bytes = ((sent["client->server"] + sent["server->client"]) * share + sent["client->client"]
-                      + (sent["client->aggregator"] + sent["aggregator->client"]) * weight_share)
-    return compute + transfer_bytes * 8 / (bandwidth_mbit * 1e6)
+    transfer = on_the_critical_path(row["bytes"]) * 8 / (bandwidth_mbit * 1e6)
+    return compute + transfer + on_the_critical_path(row["messages"]) * latency_ms / 2e3
 
 
 def one_line(error):
@@ -371,6 +393,8 @@ def set_determinism(deterministic):
 
 def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say):
     """One scheme trained from the seed's initial weights: (result, its `Profile` or None)."""
+    if transport:
+        transport.begin(scheme)  # from here on: this party's busy time and peak memory for the scheme
     torch.manual_seed(seed)
     client_model, server_model = split_densenet121(args.cut)
     image_shape = train_sets[0].images.shape[1:]
@@ -379,13 +403,12 @@ def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say):
     if args.costs_only:
         client_model, server_model = cost_only(client_model, server_model, image_shape)
     if transport:
-        transport.scheme = scheme
         client_model, server_model = transport.parts(client_model, server_model, image_shape)
     profile = Profile(args.device)
     with profile.measure() if args.profile else contextlib.nullcontext():
         result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
                                  batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn,
-                                 device=args.device, costs_only=args.costs_only,
+                                 order=args.order, device=args.device, costs_only=args.costs_only,
                                  channels_last=args.layout == "channels-last", transport=transport,
                                  log=lambda line: say(line, flush=True))
     return result, profile if args.profile else None
@@ -423,7 +446,7 @@ def main(argv=None):
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
     for seed in range(args.seeds):
         for scheme in args.schemes:
-            row = dict(scheme=scheme, seed=seed, bn=args.bn)
+            row = dict(scheme=scheme, seed=seed, bn=args.bn, order=args.order)
             try:
                 result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, say)
             except distributed.PartyFailed as error:
@@ -434,7 +457,8 @@ def main(argv=None):
             else:
                 models = result.pop("models")
                 row.update(result)
-                row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops)
+                row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops,
+                                                           args.latency)
                 if args.costs_only:
                     row["seconds"] = None
                 row_failed, row_say = {}, lambda line, **options: say(f"{scheme}: {line}", **options)

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet_split import is_label_private, nbytes, output_shape
+from densenet_split import is_label_private, meta_copy, nbytes, output_shape
 
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
 DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
-                costs_only=False, channels_last=True, transport=None)
+                costs_only=False, channels_last=True, transport=None, order="fixed")
 BN_SETTINGS = ("local", "averaged")
+ORDERS = ("fixed", "shuffled")
 
 
 def auroc(scores, labels):
@@ -156,10 +157,13 @@ class Run:
                 raise ValueError(f"{name} must be a positive whole number, not {self.cfg[name]!r}")
         if self.cfg["bn"] not in BN_SETTINGS:
             raise ValueError(f"bn must be one of {', '.join(BN_SETTINGS)}, not {self.cfg['bn']!r}")
+        if self.cfg["order"] not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {self.cfg['order']!r}")
         self.scheme, self.train_sets, self.test_sets, self.parallel = scheme, train_sets, test_sets, parallel
         self.device = torch.device(self.cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rounds, self.batch_size, self.lr = self.cfg["rounds"], self.cfg["batch_size"], self.cfg["lr"]
         self.bytes = dict.fromkeys(LINKS, 0)
+        self.messages = dict.fromkeys(LINKS, 0)  # transfers, each one a party waits for (latency)
         self.flops = dict.fromkeys(PARTIES, 0)
         self.history = []
         self.deployed = None  # each site's deployed model after the last round
@@ -185,6 +189,7 @@ class Run:
         self._start_clock()
         link = f"{party_kind(source)}->{party_kind(destination)}"
         self.bytes[link] += nbytes(tensors)
+        self.messages[link] += 1
         if self.cfg["transport"] is not None:
             tensors = self.cfg["transport"].send(source, destination, link, tensors)
         return tensors[0] if len(tensors) == 1 else tensors
@@ -228,6 +233,19 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock starts on an idle GPU
 
+    def copies(self, model, holders):
+        """A copy of `model`, with its initial weights, for each party in `holders` (the first is `model`
+        itself). With a transport a process makes real only the copies its own party holds, and meta stand-ins
+        of the others (`meta_copy`): a client holds its own model and optimizer state, not every site's."""
+        transport, unused, made = self.cfg["transport"], model, []
+        for holder in holders:
+            if transport is not None and not transport.holds(holder):
+                made.append(meta_copy(model))
+            else:
+                made.append(unused if unused is not None else copy.deepcopy(model))
+                unused = None
+        return made
+
     def optimizer(self, model):
         """Adam for one model copy, fused (one kernel over all its weights) where the device has it.
 
@@ -263,6 +281,15 @@ class Run:
         for start, end in batch_bounds(len(labels), self.batch_size):
             yield images[start:end].to(device, non_blocking=True), labels[start:end].to(device, non_blocking=True)
 
+    def turn_order(self, round):
+        """The order in which clients take their turns in round `round` (0-based): site order (order="fixed"),
+        or a permutation drawn from (seed, round), the same in every process (order="shuffled")."""
+        num_sites = len(self.train_sets)
+        if self.cfg["order"] == "fixed":
+            return list(range(num_sites))
+        seed = np.random.SeedSequence([self.cfg["seed"], round], spawn_key=(1,)).generate_state(1)[0]  # not a batch seed
+        return torch.randperm(num_sites, generator=torch.Generator().manual_seed(int(seed))).tolist()
+
     def autocast(self):
         if not self.cfg["bf16"]:
             return contextlib.nullcontext()
@@ -285,7 +312,11 @@ class Run:
         """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - self._clock if self._clock is not None else 0.0
+        if self._clock is not None:
+            now = time.perf_counter()
+            self.seconds += now - self._clock
+            if self.cfg["transport"]:
+                self.cfg["transport"].busy_between(self._clock, now)  # per party: its time not spent waiting
         entry = dict(round=round + 1, loss=None, seconds=self.seconds, auroc=None, auroc_interval=None,
                      site_auroc=None, accuracy=None)
         self.deployed = models
@@ -349,7 +380,7 @@ class Run:
         result = dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
                       auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
                       accuracy=last.get("accuracy"), loss=last.get("loss"), bytes=dict(self.bytes),
-                      flops=dict(self.flops), seconds=self.seconds, history=self.history,
+                      messages=dict(self.messages), flops=dict(self.flops), seconds=self.seconds, history=self.history,
                       models=self.deployed or models, parallel=self.parallel,
                       num_examples=[len(s) for s in self.train_sets])
         if self.cfg["transport"] is not None:  # the bytes that went on the wire; the deployed models, gathered

@@ -309,6 +309,16 @@ class StandIn(nn.Module):
         return _ShapeOnly.apply(x, self.output_shape, dtype, next(self.part.parameters()))
 
 
+def meta_copy(module):
+    """A copy of `module` whose weights and buffers are on the meta device (same shapes, dtypes and strides),
+    made without copying any data: what a process holds of a model copy that lives at another party."""
+    memo = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
 def unwrap(module):
     """`module` with every `StandIn` replaced by the part it stands in for (in place)."""
     if isinstance(module, StandIn):

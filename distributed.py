@@ -8,9 +8,11 @@ Rank 0 is the server and the aggregator (one process, two parties: no link runs 
 rendezvous store; rank k + 1 is client site k. Every process runs the same scheme loop, from the unchanged
 scheme files, over the same deterministic schedule, with a `Transport` in its run: at each
 `run.send(source, destination, ...)` the source's process sends what the ledger counts and the
-destination's receives it, so sends and receives pair up by construction. The model parts a process does
-not hold, and the images of other sites, are meta-device stand-ins (`densenet_split.StandIn`): the loop
-passes over them at no cost, and each process computes only its own party's work.
+destination's receives it, so sends and receives pair up by construction. The model parts and copies a
+process does not hold (`Run.copies`), and the images of other sites, are meta-device stand-ins
+(`densenet_split.StandIn`): the loop passes over them at no cost, and each process computes only its own
+party's work, so clients that the schedule does not make wait for each other work at once. Each party
+measures its busy time (its training time not spent waiting for a peer) and its peak memory.
 
 On the wire (gloo, point-to-point, no pickle): per transfer a length, a header (per tensor: dtype, shape,
 strides, offset) and one payload of the tensors' bytes in their own memory order, so the receiver rebuilds
@@ -25,7 +27,9 @@ on a NaN. A party that dies or hangs stops every process within a minute with on
 """
 import contextlib
 import copy
+import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -102,9 +106,33 @@ class Transport:
     def __init__(self, rank, world_size, store, timeout, device):
         self.rank, self.world_size, self.store, self.timeout = rank, world_size, store, timeout
         self.device = torch.device(device)
-        self.scheme, self.last_client = None, 0
+        self.scheme, self.last_client, self.num_finished = None, 0, 0
         self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
         self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
+        self.waits, self.busy = [], []  # (start, end) on the monotonic clock: waiting for a peer; working
+        self.epoch = time.time() - time.perf_counter()  # monotonic to wall-clock time, to compare parties
+
+    def begin(self, scheme):
+        """A scheme starts: note it, and start measuring this party's busy time and peak memory afresh."""
+        self.scheme, self.waits, self.busy = scheme, [], []
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # Linux: the peak resident memory starts again from what is resident now
+        self.start_memory = resident_memory("VmRSS")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def busy_between(self, start, end):
+        """The run's clock ran from `start` to `end` (a round's training): this party was busy then, except
+        while it waited for a peer."""
+        at = start
+        for wait_start, wait_end in self.waits:
+            if start < wait_end and wait_start < end:
+                if wait_start > at:
+                    self.busy.append((at, wait_start))
+                at = max(at, wait_end)
+        if end > at:
+            self.busy.append((at, end))
+        self.waits = []
 
     # The wire
 
@@ -130,16 +158,20 @@ class Transport:
         for t, (_, stride), start in zip(tensors, flats, offsets):
             header += [DTYPES.index(t.dtype), t.dim(), *t.shape, *stride, start]
         payload = torch.cat([torch.empty(0, dtype=torch.uint8)] + [flats[i][0].cpu().view(torch.uint8) for i in by_size])
+        started = time.perf_counter()
         try:
             for message in (torch.tensor([len(header)]), torch.tensor(header), payload):
                 if len(message):
                     dist.isend(message, peer).wait(timedelta(seconds=self.timeout))
         except Exception as error:
             self._fail(peer, error)
+        self.waits.append((started, time.perf_counter()))
         return len(payload)
 
     def _recv(self, buffer, peer):
+        started = time.perf_counter()
         dist.irecv(buffer, peer).wait(timedelta(seconds=self.timeout))
+        self.waits.append((started, time.perf_counter()))
         return buffer
 
     def _receive(self, peer, given):
@@ -196,6 +228,10 @@ class Transport:
         return tree_map(placeholder, objects)
 
     # What a process holds
+
+    def holds(self, party):
+        """Whether this process is `party` (rank 0 is the server and the aggregator)."""
+        return rank_of(party) == self.rank
 
     def parts(self, client_model, server_model, image_shape):
         """The scheme's two model parts as this process holds them: its own real, the others' meta stand-ins."""
@@ -293,11 +329,23 @@ class Transport:
             if self.rank == 0:
                 client_side.load_state_dict(state)
                 models.append(self._whole(client_side, unwrap(server_side)))
+        key = f"party/{self.num_finished}/{{}}"  # what each party measured of itself, through the store
+        self.num_finished += 1
+        self.store.set(key.format(self.rank), json.dumps(dict(
+            busy=[(start + self.epoch, end + self.epoch) for start, end in self.busy], peak_memory=resident_memory(),
+            start_memory=self.start_memory,
+            peak_gpu_memory=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)))
         wire = self._gather([self.wire_bytes[link] for link in LINKS] + [self.eval_bytes])
         self.wire_bytes, self.eval_bytes = dict.fromkeys(LINKS, 0), 0
         if self.rank != 0:
             return dict(models=[])
-        return dict(models=models, wire_bytes=dict(zip(LINKS, map(int, wire[:-1]))), eval_bytes=int(wire[-1]))
+        parties = {party_name(rank): json.loads(self.store.get(key.format(rank))) for rank in range(self.world_size)}
+        busy = {party: measured.pop("busy") for party, measured in parties.items()}
+        return dict(models=models, wire_bytes=dict(zip(LINKS, map(int, wire[:-1]))), eval_bytes=int(wire[-1]),
+                    busy_seconds={party: sum(end - start for start, end in spans) for party, spans in busy.items()},
+                    overlap_seconds=overlap(list(busy.values())),
+                    **{what: {party: measured[what] for party, measured in parties.items()}
+                       for what in ("start_memory", "peak_memory", "peak_gpu_memory") if parties["server"][what] is not None})
 
     def _whole(self, client_side, server_side):
         """The deployed model as the simulation returns it."""
@@ -410,6 +458,28 @@ def schedule_timeout(cut, train_sets, test_sets):
     per_image = training_flops(model, tuple(train_sets[0].images.shape[1:]))
     images = sum(len(s) for s in train_sets) + sum(len(s) for s in test_sets)
     return 60 + 1.5 * per_image * images / 5e9
+
+
+def overlap(intervals):
+    """How long at least two parties were busy at once (a client computing while the server serves another,
+    say); `intervals`: per party, its (start, end) busy intervals, disjoint."""
+    events = sorted(event for spans in intervals for start, end in spans for event in ((start, 1), (end, -1)))
+    total, busy, last = 0.0, 0, None
+    for moment, change in events:
+        if busy >= 2:
+            total += moment - last
+        busy, last = busy + change, moment
+    return total
+
+
+def resident_memory(field="VmHWM"):
+    """This process's resident memory in bytes: its peak since `Transport.begin` ("VmHWM"), or now ("VmRSS").
+    Linux; elsewhere the peak since the process started."""
+    try:
+        with open("/proc/self/status") as file:
+            return next(int(line.split()[1]) * 1024 for line in file if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def free_port():

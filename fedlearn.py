@@ -5,8 +5,6 @@ FedAvg: each round every client trains the global model for one local epoch on i
 its weights; the aggregator averages them, weighted by number of examples, and sends the average back.
 To reuse: copy this file with common.py and densenet_split.py.
 """
-import copy
-
 import torch
 
 from common import Run, tensors
@@ -76,7 +74,7 @@ def train(model, train_sets, test_sets, **cfg):
     """FedAvg: one local epoch per client per round, then a weighted average of the clients' weights."""
     run = Run("fedavg", train_sets, test_sets, parallel=True, **cfg)
     run.place(model)
-    client_models = [model] + [copy.deepcopy(model) for _ in train_sets[1:]]  # same initial weights everywhere
+    client_models = run.copies(model, range(len(train_sets)))  # same initial weights, one copy at each client
     optimizers = [run.optimizer(m) for m in client_models]  # each client's own Adam, kept across rounds
     num_examples = [len(s) for s in train_sets]
     flops_per_sample = training_flops(model, run.image_shape)

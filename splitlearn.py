@@ -2,7 +2,9 @@
 
 One client part and one server part. Clients take turns: with turns="client" each trains one whole local
 epoch, then hands the client part (and its optimizer state) to the next; with turns="batch" they hand it on
-after every mini-batch, and a client whose data ran out is skipped until the round ends.
+after every mini-batch, and a client whose data ran out is skipped until the round ends. The clients take
+their turns in site order every round (order="fixed", as the paper did) or in a seeded order drawn anew
+each round (order="shuffled"), so that no site always trains last.
 A label-private client part (`densenet_split.label_private`) keeps the classifier head and the loss at the
 client (a U-shaped split: `label_private_step`).
 To reuse: copy this file with common.py and densenet_split.py.
@@ -64,16 +66,17 @@ def step_for(client_model):
 
 
 def take_turns(run, train_sets, round, turns):
-    """(site, images, labels) in the order the clients train in one round."""
+    """(site, images, labels) in the order the clients train in one round: the sites in `run.turn_order(round)`,
+    each for its whole epoch (turns="client") or a mini-batch each, round and round (turns="batch")."""
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {', '.join(TURNS)}, not {turns!r}")
-    streams = [run.batches(dataset, site, round) for site, dataset in enumerate(train_sets)]
+    streams = [(site, run.batches(train_sets[site], site, round)) for site in run.turn_order(round)]
     if turns == "client":
-        for site, stream in enumerate(streams):
+        for site, stream in streams:
             for images, labels in stream:
                 yield site, images, labels
         return
-    waiting = list(enumerate(streams))
+    waiting = list(streams)
     while waiting:
         for site, stream in list(waiting):
             batch = next(stream, None)
