@@ -312,6 +312,8 @@ class Run:
         """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.cfg["transport"]:
+            self.cfg["transport"].settle()  # the round ends when what it sent has arrived
         if self._clock is not None:
             now = time.perf_counter()
             self.seconds += now - self._clock

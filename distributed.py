@@ -110,6 +110,7 @@ class Transport:
         self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
         self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
         self.waits, self.busy = [], []  # (start, end) on the monotonic clock: waiting for a peer; working
+        self.in_flight = []  # sends not yet complete: (peer, messages, their works)
         self.epoch = time.time() - time.perf_counter()  # monotonic to wall-clock time, to compare parties
 
     def begin(self, scheme):
@@ -158,15 +159,32 @@ class Transport:
         for t, (_, stride), start in zip(tensors, flats, offsets):
             header += [DTYPES.index(t.dtype), t.dim(), *t.shape, *stride, start]
         payload = torch.cat([torch.empty(0, dtype=torch.uint8)] + [flats[i][0].cpu().view(torch.uint8) for i in by_size])
-        started = time.perf_counter()
+        messages = [message for message in (torch.tensor([len(header)]), torch.tensor(header), payload) if len(message)]
         try:
-            for message in (torch.tensor([len(header)]), torch.tensor(header), payload):
-                if len(message):
-                    dist.isend(message, peer).wait(timedelta(seconds=self.timeout))
+            self.in_flight.append((peer, messages, [dist.isend(message, peer) for message in messages]))
         except Exception as error:
             self._fail(peer, error)
-        self.waits.append((started, time.perf_counter()))
+        self.settle(wait=False)
         return len(payload)
+
+    def settle(self, wait=True):
+        """Complete this process's sends in flight (wait=True), or let go of those already done. A party does
+        not wait for what it sends to arrive, only for what it receives: a server streams one client's
+        gradients while it serves the next, each on its own line. Every round's sends settle before the
+        round's clock stops (`Run.end_round`)."""
+        started, unsettled = time.perf_counter(), []
+        for peer, messages, works in self.in_flight:
+            try:
+                if wait:
+                    for work in works:
+                        work.wait(timedelta(seconds=self.timeout))
+                elif not all(work.is_completed() for work in works):
+                    unsettled.append((peer, messages, works))
+            except Exception as error:
+                self._fail(peer, error)
+        self.in_flight = unsettled
+        if wait:
+            self.waits.append((started, time.perf_counter()))
 
     def _recv(self, buffer, peer):
         started = time.perf_counter()
@@ -329,6 +347,7 @@ class Transport:
             if self.rank == 0:
                 client_side.load_state_dict(state)
                 models.append(self._whole(client_side, unwrap(server_side)))
+        self.settle()
         key = f"party/{self.num_finished}/{{}}"  # what each party measured of itself, through the store
         self.num_finished += 1
         self.store.set(key.format(self.rank), json.dumps(dict(
@@ -383,6 +402,7 @@ class Transport:
 
     def close(self):
         """The end of a clean run: stop watching, and let rank 0 (the store's host) go last."""
+        self.settle()
         self.watchdog.stop()
         self.store.set(f"done/{self.rank}", "1")
         dist.barrier()
