@@ -58,26 +58,16 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
-def positive(kind):
+def positive(kind, or_zero=False):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        if not (value >= 0 if or_zero else value > 0) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'zero or ' if or_zero else ''}positive")
         return value
     return parse
-
-
-def non_negative(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be zero or positive")
-    return value
 
 
 def scheme_list(text):
@@ -170,7 +160,7 @@ def parse_args(argv):
                              "backward, optimizer and transfers, and peak memory (synchronises the GPU at every step)")
     parser.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
                         help="deployment estimate: each link's bandwidth in Mbit/s")
-    parser.add_argument("--latency", type=non_negative, default=20.0, metavar="MS",
+    parser.add_argument("--latency", type=positive(float, or_zero=True), default=20.0, metavar="MS",
                         help="deployment estimate: round-trip time between any two parties in ms (20: a hospital "
                              "and a cloud server in the same region; 0.5: one LAN); every transfer waits half of it")
     parser.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
