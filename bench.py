@@ -4,6 +4,7 @@
     python bench.py --costs-only --image-size 224    # bytes and FLOPs at the paper's scale, no training
     python bench.py --distributed                    # every party its own process, the tensors on the wire
     python bench.py --attack --cuts-sweep            # what the server can learn, at the cut and at every cut
+    python bench.py --tradeoff --attack              # how much privacy each defense buys, and at what price
 
 Each row: AUROC (pooled with its 95% interval, and per site), accuracy, bytes on every link, FLOPs per party,
 wall time and its ratio to centralized training, an estimated deployment time (see `deployment_seconds`),
@@ -14,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +46,7 @@ SCHEMES = {
 }
 SPLIT_SCHEMES = ("sl-client", "sl-batch", "sfv1", "sfv2", "sfv3")
 SENDS = {"central": "images", "fedavg": "weights"}  # what leaves a site; the split schemes send activations
+LADDER = dict(nopeek=(0.1, 0.3, 1, 3), noise=(0.1, 0.3, 1), gradient_noise=(0.1, 0.3, 1))  # --tradeoff's strengths
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,6 +79,15 @@ def scheme_list(text):
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown scheme {','.join(unknown) or text!r}; choose from {','.join(SCHEMES)}")
     return names
+
+
+def defense(text):
+    """NAME:STRENGTH, e.g. nopeek:0.3, as (attribute of privacy.Defense, strength)."""
+    name, _, strength = text.partition(":")
+    if name not in privacy.Defense.NAMES:
+        raise argparse.ArgumentTypeError(f"unknown defense {name!r} in {text!r}; choose from "
+                                         f"{', '.join(privacy.Defense.NAMES)}")
+    return name.replace("-", "_"), positive(float, or_zero=True)(strength)
 
 
 def size_list(text):
@@ -125,8 +137,9 @@ def parse_args(argv):
     parser.add_argument("--order", choices=ORDERS, default="fixed",
                         help="the order of split learning's and SplitFed v2's client turns: fixed (site order "
                              "every round, as the paper did) or shuffled (a seeded order drawn each round)")
-    parser.add_argument("--schemes", type=scheme_list, default=",".join(SCHEMES), metavar="LIST",
-                        help="comma-separated schemes to run")
+    parser.add_argument("--schemes", type=scheme_list, default=None, metavar="LIST",
+                        help="comma-separated schemes to run (default: all; the split schemes with --defense; "
+                             "sl-client with --tradeoff)")
     parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
     parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
@@ -136,6 +149,17 @@ def parse_args(argv):
     parser.add_argument("--attack", action="store_true",
                         help="also run a reconstruction attack on each split scheme's activations (a decoder trained "
                              "on another site's images, 1000 steps; about a minute a scheme at 48 px on 2 CPU cores)")
+    parser.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
+                        help="the reconstruction attack's decoder training steps")
+    parser.add_argument("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
+                        help="split schemes: a client-side defense, several allowed: nopeek:ALPHA (loss + ALPHA x "
+                             "dCor² of images and activations), noise:SIGMA (Gaussian noise of SIGMA x the "
+                             "activations' std on what is sent), gradient-noise:SIGMA (the same on the gradients "
+                             "a --label-private client returns); default: none")
+    parser.add_argument("--tradeoff", action="store_true",
+                        help="train each split scheme (default sl-client) undefended and at a ladder of strengths "
+                             "per defense (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; gradient-noise 0.1,0.3,1 with "
+                             "--label-private; or the --defense points given) and print privacy against AUROC")
     parser.add_argument("--cuts-sweep", action="store_true",
                         help="after the run, the server's view at every cut of one trained model (the first of "
                              "central and the split schemes to run): dCor², and with --attack the reconstruction")
@@ -168,6 +192,16 @@ def parse_args(argv):
     parser.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
                         help="deployment estimate: the server's sustained TFLOP/s")
     args = parser.parse_args(argv)
+    defended = args.defense or args.tradeoff
+    if args.schemes is None:
+        args.schemes = ["sl-client"] if args.tradeoff else list(SPLIT_SCHEMES) if args.defense else list(SCHEMES)
+    elif defended and set(args.schemes) - set(SPLIT_SCHEMES):
+        parser.error(f"--{'tradeoff' if args.tradeoff else 'defense'} is for the split schemes; "
+                     f"{','.join(s for s in args.schemes if s not in SPLIT_SCHEMES)} send no activations")
+    if any(name == "gradient_noise" for name, _ in args.defense) and not args.label_private:
+        parser.error("--defense gradient-noise: only a --label-private client returns gradients to the server")
+    if args.tradeoff and args.costs_only:
+        parser.error("--tradeoff measures trained models; --costs-only trains none")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -343,32 +377,66 @@ def attempt(what, function, failed, say):
         return None
 
 
-def what_the_server_learns(scheme, models, train_sets, args, failed, say):
-    """A scheme's privacy: what leaves a site, whether labels do, and for the split schemes how much of each
-    site's training images the activations it sends still carry (dCor², and shuffled pairs: 0 means nothing);
-    with --attack a reconstruction of site 0's images from site 1's, with --label-private the label leak.
-    Each measurement that fails is noted in `failed` and the others go on."""
-    found = dict(sends=SENDS.get(scheme, "activations"),
-                 labels_leave=scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private))
-    if scheme not in SPLIT_SCHEMES or models is None:
-        return found
-    leaks = attempt("dCor²", lambda: [privacy.leakage(model[0], train_set.images, args.batch_size)
-                                                for model, train_set in zip(models, train_sets)], failed, say)
+def what_the_server_sees(round, models, train_sets, args, defense, failed, say):
+    """What a split scheme's server could learn from one round, as it received it (the defense's noise on
+    the activations and gradients, bf16 under --bf16; `models`: each site's model at the round's end): how
+    much of each site's training images the activations it sends still carry (dCor², and shuffled pairs: 0
+    means nothing); with --attack a reconstruction of site 0's images by a server that knows site 1's images
+    and the activations site 1 sends for them (through the client part site 1 holds: site 0's own in split
+    learning and after SplitFed v1/v2's averaging, another one in SplitFed v3); with --label-private the
+    label leak. Each measurement that fails is noted in `failed` and the others go on."""
+    found = {}
+    leaks = attempt("dCor²", lambda: [privacy.leakage(model[0], train_set.images, args.batch_size, defense=defense,
+                                                      bf16=args.bf16) for model, train_set in zip(models, train_sets)],
+                    failed, say)
     if leaks:
         found.update(dcor=[leak["dcor"] for leak in leaks], dcor_shuffled=[leak["dcor_shuffled"] for leak in leaks])
     if args.attack and len(train_sets) > 1:
-        say(f"reconstruction attack at {args.cut}", flush=True)
+        say(f"reconstruction attack at {args.cut} after round {round + 1}", flush=True)
         attack = attempt("attack", lambda: privacy.reconstruction_attack(
-            models[0][0], train_sets[1].images, train_sets[0].images, args.batch_size), failed, say)
+            models[0][0], train_sets[1].images, train_sets[0].images, args.batch_size, args.attack_steps,
+            attacker_model=models[1][0], defense=defense, bf16=args.bf16), failed, say)
         if attack:
             found["attack"] = attack
     if args.label_private:
         leak = attempt("label leak", lambda: [
-            privacy.label_leak(model[0], model[1], train_set.images, train_set.labels, args.batch_size)
+            privacy.label_leak(model[0], model[1], train_set.images, train_set.labels, args.batch_size, defense)
             for model, train_set in zip(models, train_sets)], failed, say)
         if leak:
             found["label_leak"] = leak
     return found
+
+
+WORST = dict(dcor=lambda found: statistics.mean(found["dcor"]),
+             attack=lambda found: found["attack"]["ssim"] - found["attack"]["ssim_floor"],
+             label_leak=lambda found: statistics.mean(site["cosine_auroc"] or 0.5 for site in found["label_leak"]))
+
+
+def what_the_server_learns(scheme, history, args):
+    """A scheme's privacy: what leaves a site, whether labels do, and for the split schemes each measure of
+    `what_the_server_sees` in the round it was worst (the earliest of equals), with that round in
+    "worst_round": an early, barely trained client part may tell more than the last."""
+    found = dict(sends=SENDS.get(scheme, "activations"),
+                 labels_leave=scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private))
+    for key, score in WORST.items():
+        measured = [entry for entry in history if key in (entry.get("privacy") or {})]
+        if measured:
+            worst = max(measured, key=lambda entry: score(entry["privacy"]))
+            found[key] = worst["privacy"][key]
+            if key == "dcor":
+                found["dcor_shuffled"] = worst["privacy"]["dcor_shuffled"]
+            found.setdefault("worst_round", {})[key] = worst["round"]
+    return found
+
+
+def defenses(args):
+    """The defenses each scheme trains under: the --defense ones together; with --tradeoff, none, then each
+    defense alone at each strength of its ladder (or at each --defense point)."""
+    if not args.tradeoff:
+        return [privacy.Defense(**dict(args.defense))]
+    points = args.defense or [(name, strength) for name, ladder in LADDER.items()
+                              if name != "gradient_noise" or args.label_private for strength in ladder]
+    return [privacy.Defense()] + [privacy.Defense(**{name: strength}) for name, strength in points]
 
 
 def set_determinism(deterministic):
@@ -381,8 +449,9 @@ def set_determinism(deterministic):
     torch.backends.cudnn.benchmark = False
 
 
-def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say):
-    """One scheme trained from the seed's initial weights: (result, its `Profile` or None)."""
+def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense=None, observe=None):
+    """One scheme trained from the seed's initial weights under `defense`, `observe(round, models)` after each
+    round: (result, its `Profile` or None)."""
     if transport:
         transport.begin(scheme)  # from here on: this party's busy time and peak memory for the scheme
     torch.manual_seed(seed)
@@ -400,6 +469,7 @@ def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say):
                                  batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn,
                                  order=args.order, device=args.device, costs_only=args.costs_only,
                                  channels_last=args.layout == "channels-last", transport=transport,
+                                 defense=defense if scheme in SPLIT_SCHEMES else None, observe=observe,
                                  log=lambda line: say(line, flush=True))
     return result, profile if args.profile else None
 
@@ -434,39 +504,43 @@ def main(argv=None):
         f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
-    for seed in range(args.seeds):
-        for scheme in args.schemes:
-            row = dict(scheme=scheme, seed=seed, bn=args.bn, order=args.order)
-            try:
-                result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, say)
-            except distributed.PartyFailed as error:
-                distributed.stop(rank, str(error))
-            except Exception as error:  # one scheme failing never loses the rows already finished
-                row["error"] = one_line(error)
-                say(f"{scheme} failed: {row['error']}", flush=True)
-            else:
-                models = result.pop("models")
-                row.update(result)
-                row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops,
-                                                           args.latency)
-                if args.costs_only:
-                    row["seconds"] = None
-                row_failed, row_say = {}, lambda line, **options: say(f"{scheme}: {line}", **options)
-                if profile:
-                    profiles.append(attempt("profile", lambda: profile.row(row), row_failed, row_say))
-                if args.save and rank == 0:
-                    attempt("save", lambda: report.save_models(models, row, train_sets, args, args.label_private
-                                                               and scheme in SPLIT_SCHEMES), row_failed, row_say)
-                trained = None if args.costs_only or transport else models
-                row["privacy"] = what_the_server_learns(scheme, trained, train_sets, args, row_failed, row_say)
-                if row_failed:
-                    row["failed"] = row_failed
-                if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
-                    sweep = scheme, models[0]
-            rows.append(row)
-            report.add_ratios(rows)
-            if rank == 0:
-                attempt("writing the results", lambda: report.write_outputs(rows, args), failed, say)
+    for seed, scheme, defense in [(seed, scheme, defense) for seed in range(args.seeds) for scheme in args.schemes
+                                  for defense in defenses(args)]:
+        row = dict(scheme=scheme, seed=seed, bn=args.bn, order=args.order, defense=str(defense))
+        row_failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
+        observe = None
+        if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
+            observe = lambda round, models: what_the_server_sees(round, models, train_sets, args, defense,
+                                                                 row_failed, row_say)
+        try:
+            result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense,
+                                           observe)
+        except distributed.PartyFailed as error:
+            distributed.stop(rank, str(error))
+        except Exception as error:  # one scheme failing never loses the rows already finished
+            row["error"] = one_line(error)
+            say(f"{scheme} failed: {row['error']}", flush=True)
+        else:
+            models = result.pop("models")
+            row.update(result)
+            row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops,
+                                                       args.latency)
+            if args.costs_only:
+                row["seconds"] = None
+            if profile:
+                profiles.append(attempt("profile", lambda: profile.row(row), row_failed, row_say))
+            if args.save and rank == 0:
+                attempt("save", lambda: report.save_models(models, row, train_sets, args, args.label_private
+                                                           and scheme in SPLIT_SCHEMES), row_failed, row_say)
+            row["privacy"] = what_the_server_learns(scheme, row["history"], args)
+            if row_failed:
+                row["failed"] = row_failed
+            if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
+                sweep = scheme, models[0]
+        rows.append(row)
+        report.add_ratios(rows)
+        if rank == 0:
+            attempt("writing the results", lambda: report.write_outputs(rows, args), failed, say)
     if transport:
         transport.close()
         if rank != 0:
@@ -476,7 +550,11 @@ def main(argv=None):
           f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples."
           + (" wire: payload bytes the processes sent (evaluation apart)." if transport else ""))
     print(report.table(rows))
-    if args.attack or args.label_private:
+    if args.tradeoff:
+        print("\nwhat each defense buys (each measure in the round it was worst: dCor², attack, label leak; "
+              "the attack: site 0's images, the attacker knowing site 1's):")
+        print(report.tradeoff_table(rows))
+    elif args.attack or args.label_private:
         print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
               "the attacker site 1):")
         print(report.privacy_table(rows))
@@ -484,8 +562,9 @@ def main(argv=None):
         scheme, (client_model, server_model) = sweep
         print(f"\nthe server's view at every cut of {scheme}'s model (site 0's training images"
               f"{'; the attacker: site 1' if args.attack else ''}):")
-        cuts = attempt("cuts sweep", lambda: privacy.cuts_sweep(client_model, server_model, train_sets,
-                                                                args.batch_size, attack=args.attack), failed, say)
+        cuts = attempt("cuts sweep", lambda: privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size,
+                                                                attack=args.attack, steps=args.attack_steps),
+                       failed, say)
         if cuts:
             print(report.cuts_table(cuts))
             if args.plot:
@@ -495,7 +574,7 @@ def main(argv=None):
         print(f"\nwhere training time goes ({args.device}):")
         print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
     if args.plot:
-        attempt("plot", lambda: report.plot(rows, args.plot), failed, say)
+        attempt("plot", lambda: (report.plot_tradeoff if args.tradeoff else report.plot)(rows, args.plot), failed, say)
         if "plot" not in failed:
             print(f"plot: {args.plot}")
     problems = report.failures(rows) + [f"{what} failed: {cause}" for what, cause in failed.items()]

@@ -21,7 +21,8 @@ from densenet_split import is_label_private, meta_copy, nbytes, output_shape
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
 DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
-                costs_only=False, channels_last=True, transport=None, order="fixed")
+                costs_only=False, channels_last=True, transport=None, order="fixed", defense=None,
+                observe=None)
 BN_SETTINGS = ("local", "averaged")
 ORDERS = ("fixed", "shuffled")
 
@@ -172,6 +173,7 @@ class Run:
         self._loss_sum = torch.zeros((), device=self.device)
         self._num_losses = 0
         self._clock = None  # started by the round's first transfer or batch (`_start_clock`): set-up is not timed
+        self._defended = {}  # per site: the batches defended this round (the defense's noise is seeded by it)
 
     def _start_clock(self):
         if self._clock is None:
@@ -196,6 +198,27 @@ class Run:
 
     def compute(self, party, flops):
         self.flops[party] += flops
+
+    def defend(self, site, images, activations):
+        """What client `site` sends for `activations` under the run's defense (`privacy.Defense`: NoPeek's
+        penalty, noise), its cost counted; without one, the activations themselves."""
+        if not self.cfg["defense"]:
+            return activations
+        batch = self._defended[site] = self._defended.get(site, -1) + 1
+        activations, flops = self.cfg["defense"].activations(images, activations, self._key(site, batch))
+        self.compute("client", flops)
+        return activations
+
+    def defend_gradient(self, site, grad_features):
+        """The gradient of the pooled features a label-private client `site` returns under the run's defense."""
+        if not self.cfg["defense"]:
+            return grad_features
+        grad_features, flops = self.cfg["defense"].gradient(grad_features, self._key(site, self._defended[site]))
+        self.compute("client", flops)
+        return grad_features
+
+    def _key(self, site, batch):
+        return self.cfg["seed"], site, len(self.history), batch
 
     def place(self, *models):
         """Put model parts on the run's device, in training mode; channels-last where the run uses it
@@ -334,8 +357,11 @@ class Run:
                 scores = self.score(self.deployed)
             if scores is not None:
                 entry.update(self.metrics(*scores))
+            if self.cfg["observe"]:  # what the server could learn from this round (`bench.py`), untimed
+                entry["privacy"] = self.cfg["observe"](round, self.deployed)
         self._loss_sum.zero_()
         self._num_losses = 0
+        self._defended.clear()
         self.history.append(entry)
         if self.cfg["log"]:
             score = "-" if entry["auroc"] is None else f"{entry['auroc']:.3f}"

@@ -9,6 +9,11 @@
 - `label_leak`: in a label-private (U-shaped) split the labels stay home, but the gradients the client
   returns for the pooled features still carry them (Li et al., ICLR 2022): the norm and cosine attacks.
 - `cuts_sweep`: all of it at every cut of one trained model.
+
+And what a client can do about it (`Defense`, run inside the client's own process): NoPeek's distance
+correlation penalty, Gaussian noise on the activations it sends, and Gaussian noise on the gradients a
+label-private client returns. Every measure above takes the defense, so that it measures what the server
+actually receives.
 """
 import copy
 
@@ -49,12 +54,20 @@ def u_centred_distances(samples, chunk_size=1 << 16):
     for start in range(0, samples.shape[1], chunk_size):
         part = samples[:, start:start + chunk_size].double().cpu()
         gram += part @ part.T
+    return u_centre(gram)
+
+
+def u_centre(gram):
+    """The U-centred distance matrix from the Gram matrix of n samples; differentiable (the zero distance of
+    a sample to itself never reaches the square root, whose gradient there is infinite)."""
+    n = len(gram)
     squared = gram.diagonal()
-    a = (squared[:, None] + squared[None, :] - 2 * gram).clamp(min=0).sqrt()
-    a.fill_diagonal_(0)
+    apart = ~torch.eye(n, dtype=torch.bool, device=gram.device)
+    squared_distances = torch.where(apart, squared[:, None] + squared[None, :] - 2 * gram, 1)
+    a = torch.where(apart, squared_distances.clamp(min=1e-30).sqrt(), 0)
     rows = a.sum(1)
     centred = a - rows[:, None] / (n - 2) - rows[None, :] / (n - 2) + rows.sum() / ((n - 1) * (n - 2))
-    return centred.fill_diagonal_(0)
+    return torch.where(apart, centred, 0)
 
 
 def _dcor(a, b):
@@ -65,19 +78,125 @@ def _dcor(a, b):
     return float(ab / (aa * bb).sqrt())
 
 
+def nopeek_penalty(images, activations):
+    """NoPeek's penalty on one mini-batch: the bias-corrected dCor² of `distance_correlation` between the
+    images and the activations, differentiable, floored at 0 (below it the two are as independent as the
+    estimate can tell), in float64 where the activations are. NoPeek itself used the plain sample distance
+    correlation; at these dimensions that estimate is near 1 even for independent data (README)."""
+    a, b = (u_centre(samples.flatten(1).double() @ samples.flatten(1).double().T).to(activations.device)
+            for samples in (images, activations))
+    return ((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-30)).clamp(min=0)
+
+
+NOPEEK_ELEMENTWISE = 40  # FLOPs per entry of the n x n matrices, forward and backward (README: "Defenses")
+NOISE_FLOPS = 6  # per noised number: its share of the batch's standard deviation (4), the scaled add (2)
+
+
+def nopeek_flops(num_examples, image_numel, activation_numel):
+    """Client FLOPs of one NoPeek step on a batch of n: the Gram matrices of the images (2 n² p) and of the
+    activations (2 n² q), the backward of the activations' (4 n² q; the images need no gradient), and the
+    elementwise work on the n x n matrices (distances, centring, inner products and their gradients)."""
+    n = num_examples
+    return 2 * n * n * image_numel + 6 * n * n * activation_numel + NOPEEK_ELEMENTWISE * n * n
+
+
+class _NoPeek(torch.autograd.Function):
+    """Forward: the activations, unchanged. Backward: their gradient from the server plus alpha times the
+    gradient of `nopeek_penalty`, so the client's own backward pass trains on loss + alpha * dCor²."""
+
+    @staticmethod
+    def forward(ctx, activations, images, alpha):
+        ctx.save_for_backward(activations, images)
+        ctx.alpha = alpha
+        return activations.view_as(activations)
+
+    @staticmethod
+    def backward(ctx, grad_activations):
+        activations, images = ctx.saved_tensors
+        with torch.enable_grad():
+            activations = activations.detach().to(torch.promote_types(activations.dtype, torch.float32))
+            activations.requires_grad_()
+            (grad_penalty,) = torch.autograd.grad(ctx.alpha * nopeek_penalty(images, activations), activations)
+        return grad_activations + grad_penalty.to(grad_activations.dtype), None, None
+
+
+class Defense:
+    """What a client does so that the server learns less; each runs in the client's own process, and strength 0
+    is no defense at all (bit for bit the undefended run).
+
+    nopeek (alpha): the client trains on loss + alpha * `nopeek_penalty(images, activations)` per mini-batch
+        (Vepakomma et al. 2020); the server's step is unchanged.
+    noise (sigma): the client adds Gaussian noise of standard deviation sigma times the batch's own standard
+        deviation to the activations it sends, and trains on what it sent.
+    gradient_noise (sigma): a label-private client does the same to the gradient of the pooled features it
+        returns (against the label attacks of `label_leak`).
+    The noise is drawn on the CPU from a generator seeded by the key (seed, site, round, batch), so one run
+    gives the same noise on any device and in any process.
+    """
+
+    NAMES = ("nopeek", "noise", "gradient-noise")
+
+    def __init__(self, nopeek=0.0, noise=0.0, gradient_noise=0.0):
+        self.nopeek, self.noise, self.gradient_noise = float(nopeek), float(noise), float(gradient_noise)
+
+    def __str__(self):
+        strengths = zip(self.NAMES, (self.nopeek, self.noise, self.gradient_noise))
+        return "+".join(f"{name}:{strength:g}" for name, strength in strengths if strength) or "none"
+
+    def __bool__(self):
+        return bool(self.nopeek or self.noise or self.gradient_noise)
+
+    def activations(self, images, activations, key):
+        """What the client sends for a batch it computed `activations` for, and the FLOPs this cost it."""
+        flops = 0
+        if self.nopeek and len(images) >= 4:  # (U-centring needs 4 samples)
+            flops += nopeek_flops(len(images), images[0].numel(), activations[0].numel())
+            if not activations.is_meta:
+                activations = _NoPeek.apply(activations, images, self.nopeek)
+        if self.noise:
+            flops += NOISE_FLOPS * activations.numel()
+            activations = self.noisy(activations, self.noise, key, stream=2)
+        return activations, flops
+
+    def gradient(self, gradient, key):
+        """The gradient a label-private client returns, and the FLOPs this cost it."""
+        if not self.gradient_noise:
+            return gradient, 0
+        return self.noisy(gradient, self.gradient_noise, key, stream=3), NOISE_FLOPS * gradient.numel()
+
+    @staticmethod
+    def noisy(tensor, sigma, key, stream):
+        """`tensor` plus Gaussian noise of standard deviation sigma x its own, seeded by `key` (`stream` keeps
+        the activations', the gradients' and the measurements' noise apart); in `tensor`'s dtype."""
+        if tensor.is_meta:
+            return tensor
+        seed = np.random.SeedSequence([int(part) for part in key], spawn_key=(stream,)).generate_state(1)[0]
+        noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(int(seed)))
+        scale = sigma * tensor.detach().float().std()
+        return (tensor.float() + scale * noise.to(tensor.device)).to(tensor.dtype)
+
+
 @torch.no_grad()
-def sent_activations(client_model, images, batch_size):
-    """The activations a client sends for `images`, as in training (train mode, in its batch size), from a
-    copy so that the model's BatchNorm statistics are untouched; in float32, where the model is."""
+def sent_activations(client_model, images, batch_size, defense=None, bf16=False, key=()):
+    """The activations a client sends for `images`, as in training (train mode, in its batch size, in bf16
+    under `bf16`, with `defense`'s noise seeded by `key` and the batch), from a copy so that the model's
+    BatchNorm statistics are untouched; in float32, where the model is."""
     client_model = copy.deepcopy(client_model).train()
-    return torch.cat([client_model(to_model(images[start:end], client_model)).float()
-                      for start, end in batch_bounds(len(images), batch_size)])
+    device = next(client_model.parameters()).device
+    sent = []
+    for batch, (start, end) in enumerate(batch_bounds(len(images), batch_size)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            activations = client_model(to_model(images[start:end], client_model))
+        if defense and defense.noise:
+            activations = defense.noisy(activations, defense.noise, (*key, batch), stream=4)
+        sent.append(activations.float())
+    return torch.cat(sent)
 
 
-def leakage(client_model, images, batch_size, seed=0):
+def leakage(client_model, images, batch_size, seed=0, defense=None, bf16=False):
     """dCor² between a site's images and the activations it sends, and with the pairs shuffled."""
     a = u_centred_distances(images)
-    b = u_centred_distances(sent_activations(client_model, images, batch_size))
+    b = u_centred_distances(sent_activations(client_model, images, batch_size, defense, bf16, key=(seed,)))
     shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return dict(dcor=_dcor(a, b), dcor_shuffled=_dcor(a, b[shuffled][:, shuffled]))
 
@@ -137,17 +256,20 @@ def upsample(images, size):
 
 
 def reconstruction_attack(client_model, attacker_images, victim_images, batch_size, steps=1000, target_size=None,
-                          seed=0):
+                          seed=0, attacker_model=None, defense=None, bf16=False):
     """The server inverts a victim site's activations with a decoder trained on another site's images.
 
-    The attacker sees (activations, image) pairs for its own images (`attacker_images`, passed through the
-    client part: black-box query access), trains `Decoder` with Adam for `steps` steps to predict the image,
-    and decodes the victim's activations. Images are compared at `target_size` (default: their own size;
-    larger than 64 px, a 64 x 64 target). Returns SSIM and PSNR of the reconstructions and of the floor:
-    the attacker's mean image offered as every victim image.
+    The attacker sees (activations, image) pairs for its own images (`attacker_images`, passed through
+    `attacker_model`, by default the victim's own client part: black-box query access), trains `Decoder`
+    with Adam for `steps` steps to predict the image, and decodes the victim's activations, as the victim
+    sends them (with `defense`'s noise; in bf16 under `bf16`). Images are compared at `target_size` (default:
+    their own size; larger than 64 px, a 64 x 64 target). Returns SSIM and PSNR of the reconstructions and
+    of the floor: the attacker's mean image offered as every victim image.
     """
     size = target_size or min(attacker_images.shape[-1], 64)
-    known, victim = (sent_activations(client_model, images, batch_size) for images in (attacker_images, victim_images))
+    known, victim = (sent_activations(model, images, batch_size, defense, bf16, key=(seed, index))
+                     for index, (model, images) in enumerate(((attacker_model or client_model, attacker_images),
+                                                              (client_model, victim_images))))
     shrink = lambda images: F.interpolate(images.float(), size=(size, size), mode="area").to(known.device)
     known_images, victim_images = shrink(attacker_images), shrink(victim_images)
     mean_image = known_images.mean(0, keepdim=True)
@@ -170,7 +292,7 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
                 target_size=size, steps=steps)
 
 
-def label_leak(client_model, server_model, images, labels, batch_size):
+def label_leak(client_model, server_model, images, labels, batch_size, defense=None):
     """What the gradients a label-private client returns tell the server about the labels.
 
     For each of a site's training images, the gradient of the loss with respect to the pooled features,
@@ -180,7 +302,8 @@ def label_leak(client_model, server_model, images, labels, batch_size):
     have larger ones). Cosine attack: the cosine with one fixed gradient (the first): the gradients fall into
     two opposite directions, one per label; its AUROC is taken up to which direction is which
     (max(AUROC, 1 - AUROC)), since one known label is all the server needs to name them. Returns each
-    attack's AUROC against the true labels (0.5: nothing learnt, 1: every label known).
+    attack's AUROC against the true labels (0.5: nothing learnt, 1: every label known). With `defense`, the
+    gradients as the client returns them (with its gradient noise).
     """
     client_model, server_model = copy.deepcopy(client_model).train(), copy.deepcopy(server_model).train()
     gradients = []
@@ -191,7 +314,8 @@ def label_leak(client_model, server_model, images, labels, batch_size):
         features.requires_grad_()
         logits = client_model.head(features).squeeze(1)
         F.binary_cross_entropy_with_logits(logits, labels[start:end].to(logits)).backward()
-        gradients.append(features.grad.double().cpu())
+        grad_features = defense.gradient(features.grad, (start,))[0] if defense else features.grad
+        gradients.append(grad_features.double().cpu())
     gradients = torch.cat(gradients)
     cosine = auroc(F.cosine_similarity(gradients, gradients[:1], dim=1), labels)
     return dict(norm_auroc=auroc(gradients.norm(dim=1), labels),

@@ -22,6 +22,16 @@ def human(number, unit=""):
         number /= 1000
 
 
+def name(row):
+    """A row's name in the tables: its scheme, and the defense it trained under if any."""
+    return row["scheme"] + (f" {row['defense']}" if row.get("defense", "none") != "none" else "")
+
+
+def folder_name(row):
+    """Where --save keeps a row's models: its scheme, and its defense if any (sl-client-nopeek1+noise0.3)."""
+    return name(row).replace(" ", "-").replace(":", "")
+
+
 def mean_std(values, digits=3):
     values = [v for v in values if v is not None]
     if not values:
@@ -46,8 +56,8 @@ def table(rows):
               + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"]
               + ["labels", "dCor² (shuf.)"])
     lines = [header]
-    for scheme in dict.fromkeys(row["scheme"] for row in rows):
-        runs = [row for row in rows if row["scheme"] == scheme]
+    for scheme in dict.fromkeys(map(name, rows)):
+        runs = [row for row in rows if name(row) == scheme]
         done = [row for row in runs if not row.get("error")]
         if not done:
             lines.append([scheme, "failed: " + runs[0]["error"]])
@@ -104,12 +114,70 @@ def privacy_table(rows):
             continue
         attack, leak = found.get("attack"), found.get("label_leak")
         missing = "failed" if "attack" in failed else "-"
-        lines.append([row["scheme"], found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row),
+        lines.append([name(row), found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row),
                       f"{attack['ssim']:.3f} ({attack['ssim_floor']:.3f})" if attack else missing,
                       f"{attack['psnr']:.1f} ({attack['psnr_floor']:.1f})" if attack else missing,
                       " / ".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))
                       if leak else "failed" if "label leak" in failed else "-"])
     return align(lines)
+
+
+def tradeoff_table(rows):
+    """--tradeoff: per scheme and defense, AUROC against what the server can learn (each measure in its worst
+    round, named after it), and what the defense costs (client FLOPs, bytes, wall time)."""
+    lines = [["scheme", "defense", "AUROC [95% CI]", "dCor² (shuf.)", "SSIM-floor", "PSNR-floor", "leak norm/cos",
+              "worst rounds", "client FLOP", "bytes", "wall s"]]
+    for label in dict.fromkeys(map(name, rows)):
+        done = [row for row in rows if name(row) == label and not row.get("error")]
+        if not done:
+            lines.append([label, "failed: " + next(r["error"] for r in rows if name(r) == label)])
+            continue
+        first = done[0]
+        found, failed = first.get("privacy", {}), first.get("failed", {})
+        attack, leak = found.get("attack"), found.get("label_leak")
+        missing = lambda what: "failed" if what in failed else "-"
+        lines.append([first["scheme"], first.get("defense", "none"), auroc_cell(done), privacy_cell(first),
+                      f"{attack['ssim'] - attack['ssim_floor']:+.3f}" if attack else missing("attack"),
+                      f"{attack['psnr'] - attack['psnr_floor']:+.2f}" if attack else missing("attack"),
+                      "/".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))
+                      if leak else missing("label leak"),
+                      "/".join(str(r) for r in found.get("worst_round", {}).values()) or "-",
+                      human(first["flops"]["client"]), human(sum(first["bytes"].values()), "B"),
+                      mean_std([row["seconds"] for row in done], 1)])
+    return align(lines)
+
+
+def plot_tradeoff(rows, path):
+    """--tradeoff: privacy (dCor², and the attack's SSIM above its floor where measured) against AUROC, one
+    line per defense from the undefended run up its ladder of strengths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    done = [row for row in rows if not row.get("error") and "dcor" in row.get("privacy", {})]
+    measures = [("dCor² (worst round, mean over sites)", lambda found: statistics.mean(found["dcor"]))]
+    if any("attack" in row["privacy"] for row in done):
+        measures.append(("attack SSIM above its floor (worst round)",
+                         lambda found: found["attack"]["ssim"] - found["attack"]["ssim_floor"]))
+    figure, panels = pyplot.subplots(1, len(measures), figsize=(5.5 * len(measures), 4.2), squeeze=False)
+    for scheme in dict.fromkeys(row["scheme"] for row in done):
+        runs = [row for row in done if row["scheme"] == scheme and row["seed"] == done[0]["seed"]]
+        undefended = [row for row in runs if row["defense"] == "none"]
+        for kind in dict.fromkeys(row["defense"].split(":")[0] for row in runs if row["defense"] != "none"):
+            line = undefended + sorted((row for row in runs if row["defense"].split(":")[0] == kind),
+                                       key=lambda row: float(row["defense"].split(":")[1]))
+            for panel, (label, measure) in zip(panels[0], measures):
+                points = [(measure(row["privacy"]), row["auroc"], row["defense"].split(":")[-1]) for row in line
+                          if "attack" in row["privacy"] or "attack" not in label]
+                panel.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{scheme} {kind}")
+                for x, y, strength in points:
+                    panel.annotate(strength, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for panel, (label, _) in zip(panels[0], measures):
+        panel.set(xlabel=label + ": less is more private", ylabel="pooled AUROC", title="privacy against AUROC")
+        panel.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    pyplot.close(figure)
 
 
 def cuts_table(cuts):
@@ -176,13 +244,13 @@ def save_models(models, row, train_sets, args, label_private):
     """Each site's deployed model as {"client": state dict, "server": state dict} of CPU tensors (the parts of
     `split_densenet121(cut)`, loadable on a machine without a GPU), and beside them model.json: what it takes
     to load and use them."""
-    folder = os.path.join(args.save, row["scheme"] + (f"-seed{row['seed']}" if args.seeds > 1 else ""))
+    folder = os.path.join(args.save, folder_name(row) + (f"-seed{row['seed']}" if args.seeds > 1 else ""))
     os.makedirs(folder, exist_ok=True)
     for site, (client_model, server_model) in enumerate(models):
         torch.save({part: {key: value.cpu() for key, value in model.state_dict().items()}
                     for part, model in (("client", client_model), ("server", server_model))},
                    os.path.join(folder, f"site-{site}.pt"))
-    info = dict(scheme=row["scheme"], seed=row["seed"], cut=args.cut, bn=args.bn, image_size=args.image_size,
+    info = dict(scheme=row["scheme"], defense=row.get("defense", "none"), seed=row["seed"], cut=args.cut, bn=args.bn, image_size=args.image_size,
                 in_channels=int(train_sets[0].images.shape[1]), num_classes=1, label_private=label_private,
                 sites=[train_set.name for train_set in train_sets], files=[f"site-{site}.pt" for site in range(len(models))],
                 auroc=row["auroc"], site_auroc=row["site_auroc"])
@@ -192,8 +260,8 @@ def save_models(models, row, train_sets, args, label_private):
 
 def failures(rows):
     """One line per scheme that failed and per measurement that failed after training."""
-    return ([f"{row['scheme']} (seed {row['seed']}) failed: {row['error']}" for row in rows if row.get("error")]
-            + [f"{row['scheme']} (seed {row['seed']}): {what} failed: {cause}"
+    return ([f"{name(row)} (seed {row['seed']}) failed: {row['error']}" for row in rows if row.get("error")]
+            + [f"{name(row)} (seed {row['seed']}): {what} failed: {cause}"
                for row in rows for what, cause in row.get("failed", {}).items()])
 
 
@@ -204,7 +272,7 @@ def write_outputs(rows, args):
             with open(path, "w") as file:
                 json.dump(rows, file, indent=1)
     if args.csv:
-        columns = (["scheme", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
+        columns = (["scheme", "defense", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
                     "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
                    + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "error", "failed"])
@@ -214,7 +282,7 @@ def write_outputs(rows, args):
             for row in rows:
                 sites = [a for a in row.get("site_auroc") or [] if a is not None]
                 low, high = row.get("auroc_interval") or (None, None)
-                writer.writerow([row["scheme"], row["seed"], args.bn, row.get("auroc"), low, high,
+                writer.writerow([row["scheme"], row.get("defense"), row["seed"], args.bn, row.get("auroc"), low, high,
                                  statistics.mean(sites) if sites else None, min(sites, default=None),
                                  max(sites, default=None), row.get("accuracy")]
                                 + [row.get("bytes", {}).get(link) for link in LINKS]

@@ -19,6 +19,7 @@ def split_step(run, site, client_model, server_model, client_optimizer, server_o
     """One training step of client `site` across the cut; `flops` = (client, server) training FLOPs per sample."""
     with run.autocast():
         outputs = client_model(images)  # client: forward to the cut
+    outputs = run.defend(site, images, outputs)  # the client's defense, if any (privacy.Defense)
     # What leaves the client: the activations without their graph, and the labels; never the images.
     activations, labels = run.send(site, "server", outputs.detach(), labels)
     activations.requires_grad_()
@@ -41,6 +42,7 @@ def label_private_step(run, site, client_model, server_model, client_optimizer, 
     the labels never leave it; the server sends back the pooled features and receives their gradient."""
     with run.autocast():
         outputs = client_model(images)  # client: forward to the cut
+    outputs = run.defend(site, images, outputs)  # the client's defense, if any (privacy.Defense)
     activations = run.send(site, "server", outputs.detach()).requires_grad_()  # no labels
     with run.autocast():
         features = server_model(activations)  # server: on to the pooled features
@@ -49,7 +51,7 @@ def label_private_step(run, site, client_model, server_model, client_optimizer, 
         loss = run.loss(client_model.head(received), labels)  # client: the head and the loss
     client_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_features = run.send(site, "server", received.grad)
+    grad_features = run.send(site, "server", run.defend_gradient(site, received.grad))
     server_optimizer.zero_grad(set_to_none=True)
     features.backward(grad_features)  # server: backward from the features, then its step
     server_optimizer.step()

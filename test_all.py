@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ import privacy
 import report
 import splitfed
 import splitlearn
-from common import Run, auroc, auroc_interval, recompute_batchnorm
+from common import Run, auroc, auroc_interval, batch_bounds, recompute_batchnorm
 
 torch.set_num_threads(2)
 FAST = dict(rounds=2, batch_size=16, log=None, device="cpu")
@@ -554,19 +555,12 @@ def test_on_cuda_training_never_waits_for_the_gpu(scheme, three_sites, monkeypat
     assert np.isfinite(result["loss"])
 
 
-def fewer_attack_steps(monkeypatch, steps=30):
-    """The reconstruction attack with a short decoder training, wherever the bench or the sweep calls it."""
-    attack = privacy.reconstruction_attack
-    monkeypatch.setattr(privacy, "reconstruction_attack", lambda *args, **options: attack(*args[:4], steps=steps))
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_the_bench_measures_saves_and_plots_every_row(tmp_path, monkeypatch, capsys):
-    fewer_attack_steps(monkeypatch)
     plot = ["--plot", str(tmp_path / "gpu.png")] if importlib.util.find_spec("matplotlib") else []
-    rows = bench.main(TINY + ["--device", "cuda", "--attack", "--label-private", "--cuts-sweep", "--bf16",
-                              "--save", str(tmp_path / "runs")] + plot)
+    rows = bench.main(TINY + ["--device", "cuda", "--attack", "--attack-steps", "30", "--label-private", "--cuts-sweep",
+                              "--bf16", "--save", str(tmp_path / "runs")] + plot)
     assert [row["scheme"] for row in rows] == list(bench.SCHEMES)
     assert not [row for row in rows if row.get("error") or row.get("failed")] and "error" not in capsys.readouterr().err
     assert all("attack" in row["privacy"] and "label_leak" in row["privacy"] for row in rows if row["scheme"] in bench.SPLIT_SCHEMES)
@@ -575,6 +569,11 @@ def test_on_cuda_the_bench_measures_saves_and_plots_every_row(tmp_path, monkeypa
         assert all(value.device.type == "cpu" for part in saved.values() for value in part.values()), scheme
     model = ds.load_site_model(tmp_path / "runs" / "sfv3" / "site-1.pt")
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 1)
+    defended = bench.main(TINY + ["--device", "cuda", "--schemes", "sl-client,sfv3", "--label-private", "--bf16",
+                                  "--attack", "--attack-steps", "30", "--defense", "nopeek:1", "--defense", "noise:0.3",
+                                  "--defense", "gradient-noise:0.3"])
+    assert not [row for row in defended if row.get("error") or row.get("failed")]
+    assert all({"dcor", "attack", "label_leak"} <= set(row["privacy"]) for row in defended)
     distributed = bench.main(TINY + ["--device", "cuda", "--distributed", "--bf16", "--save", str(tmp_path / "parties")])
     assert not [row for row in distributed if row.get("error") or row.get("failed")]
     assert all(row["wire_bytes"] == row["bytes"] for row in distributed)
@@ -605,7 +604,9 @@ def kept_in_float64(monkeypatch, *names):
     model trained on a GPU meets with images on the CPU, and mended by the same line (`common.to_model`
     moves data to its model's device and dtype together). CI has no GPU; this is its guard."""
     for name in names:
-        def in_float64(*args, train=bench.SCHEMES[name], **kwargs):
+        def in_float64(*args, train=bench.SCHEMES[name], observe=None, **kwargs):
+            if observe:  # what the server sees, measured after each round
+                kwargs["observe"] = lambda round, models: observe(round, [copy.deepcopy(m).double() for m in models])
             result = train(*args, **kwargs)
             result["models"] = [model.double() for model in result["models"]]
             return result
@@ -614,9 +615,9 @@ def kept_in_float64(monkeypatch, *names):
 
 def test_every_measurement_puts_the_images_where_the_model_is(tmp_path, monkeypatch, capsys):
     kept_in_float64(monkeypatch, "central", "sl-client", "sfv3")
-    fewer_attack_steps(monkeypatch)
     monkeypatch.setattr(privacy, "CUTS", ("conv0", "transition2", "norm5"))  # the sweep at three cuts
-    rows = bench.main(TINY + ["--schemes", "central,sl-client,sfv3", "--label-private", "--attack", "--cuts-sweep",
+    rows = bench.main(TINY + ["--schemes", "central,sl-client,sfv3", "--label-private", "--attack", "--attack-steps", "30",
+                              "--cuts-sweep",
                               "--save", str(tmp_path)])
     assert not [row.get("error") or row["failed"] for row in rows if row.get("error") or row.get("failed")]
     assert "error" not in capsys.readouterr().err  # the cuts sweep too
@@ -805,7 +806,9 @@ def test_costs_only_at_paper_scale_with_bf16_halves_activations():
     (["--rounds", "0"], "--rounds"), (["--schemes", "central,magic"], "magic"), (["--cut", "layer9"], "--cut"),
     (["--image-size", "16"], "too small"), (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--lr", "nan"], "--lr"), (["--site-sizes", "3,40"], "at least 8"), (["--bn", "running"], "--bn"),
-    (["--profile", "--costs-only"], "--profile"),
+    (["--profile", "--costs-only"], "--profile"), (["--defense", "blur:1"], "blur"), (["--defense", "noise:-1"], "--defense"),
+    (["--defense", "noise:0.3", "--schemes", "central,sl-client"], "central"),
+    (["--defense", "gradient-noise:0.1"], "--label-private"), (["--tradeoff", "--schemes", "fedavg"], "fedavg"),
 ])
 def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -838,10 +841,11 @@ ROOT = os.geteuid() == 0 and all(shutil.which(tool) for tool in ("unshare", "ip"
 
 @pytest.fixture(scope="module")
 def distributed_and_simulated(tmp_path_factory):
-    """Every scheme as three processes (server, two clients) and as the simulation, one thread each; then the
-    schemes whose clients take turns, in shuffled turns (seed 0 draws 1, 0 in round 1: not the fixed order)."""
+    """Every scheme as three processes (server, two clients) and as the simulation, one thread each; then
+    split learning in shuffled turns (seed 0 draws 1, 0 in round 1: not the fixed order), its clients defended
+    (NoPeek and noise run in the client's process)."""
     folder = tmp_path_factory.mktemp("runs")
-    shuffled = ["--order", "shuffled", "--schemes", "sl-client"]
+    shuffled = ["--order", "shuffled", "--schemes", "sl-client", "--defense", "nopeek:1", "--defense", "noise:0.3"]
     try:
         runs = {(order, how): bench.main(DISTRIBUTED + (shuffled if order == "shuffled" else []) + (
                     ["--distributed"] if how == "distributed" else []) + ["--save", str(folder / order / how)])
@@ -859,7 +863,8 @@ def test_distributed_run_equals_the_simulation_bit_for_bit(distributed_and_simul
     assert order == "shuffled" or [row["scheme"] for row in distributed] == list(bench.SCHEMES)
     assert not any(r.get("error") for r in distributed)
     for real, simulation in zip(distributed, simulated):
-        name = real["scheme"]
+        name = report.folder_name(real)
+        assert real["defense"] == ("nopeek:1+noise:0.3" if order == "shuffled" else "none")
         for key in ("auroc", "auroc_interval", "site_auroc", "accuracy", "bytes", "messages", "flops"):
             assert real[key] == (list(simulation[key]) if key == "auroc_interval" else simulation[key]), (name, key)
         assert real["wire_bytes"] == real["bytes"], name  # what went on the wire is what the ledger counts
@@ -1146,6 +1151,156 @@ def test_bench_shows_what_the_server_can_learn(capsys):
     assert found["sl-client"]["labels_leave"] is False and len(found["sl-client"]["dcor"]) == 2
     assert all(abs(value) < 0.3 for value in found["sl-client"]["dcor_shuffled"])
     assert "label leak AUROC" in capsys.readouterr().out
+
+
+# Defenses: what a client can do about it, and its price
+
+def reference_dcor2(x, z):
+    """Bias-corrected dCor² written out from Székely and Rizzo (2014) with loops in numpy: the oracle."""
+    n = len(x)
+
+    def u_centred(samples):
+        samples = samples.reshape(n, -1)
+        a = np.array([[np.linalg.norm(samples[i] - samples[j]) for j in range(n)] for i in range(n)])
+        centred = np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    centred[i, j] = (a[i, j] - a[i].sum() / (n - 2) - a[:, j].sum() / (n - 2)
+                                     + a.sum() / ((n - 1) * (n - 2)))
+        return centred
+
+    a, b = u_centred(x), u_centred(z)
+    inner = lambda p, q: (p * q).sum() / (n * (n - 3))
+    return inner(a, b) / math.sqrt(inner(a, a) * inner(b, b))
+
+
+def test_nopeeks_penalty_and_its_gradient_match_the_formula_written_out():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 1, 4, 4, generator=generator, dtype=torch.float64)
+    activations = images.flatten(1)[:, :6] * 2 + 0.3 * torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    activations.requires_grad_()
+    penalty = privacy.nopeek_penalty(images, activations)
+    assert penalty.item() == pytest.approx(reference_dcor2(images.numpy(), activations.detach().numpy()), rel=1e-10)
+    (grad_penalty,) = torch.autograd.grad(penalty, activations)
+    for index in [(0, 0), (3, 2), (7, 5)]:  # central differences of the oracle
+        shifted = [activations.detach().clone() for _ in range(2)]
+        shifted[0][index] += 1e-6
+        shifted[1][index] -= 1e-6
+        numeric = (reference_dcor2(images.numpy(), shifted[0].numpy())
+                   - reference_dcor2(images.numpy(), shifted[1].numpy())) / 2e-6
+        assert grad_penalty[index].item() == pytest.approx(numeric, rel=1e-5)
+    # the client's backward pass: the server's gradient plus alpha times the penalty's
+    sent, flops = privacy.Defense(nopeek=0.5).activations(images, activations, key=(0, 0, 0, 0))
+    grad_from_server = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    sent.backward(grad_from_server)
+    assert torch.allclose(activations.grad, grad_from_server + 0.5 * grad_penalty, rtol=1e-12, atol=0)
+    assert torch.equal(sent, activations) and flops == privacy.nopeek_flops(8, 16, 6)
+
+
+def test_nopeeks_counted_flops_are_the_arithmetic_of_its_matrices():
+    images, activations = torch.rand(16, 1, 32, 32), torch.rand(16, 128, 4, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:  # counts the matrix products, forward and backward
+        privacy.nopeek_penalty(images, activations).backward()
+    elementwise = privacy.NOPEEK_ELEMENTWISE * 16 * 16
+    assert privacy.nopeek_flops(16, 32 * 32, 128 * 4 * 4) == counter.get_total_flops() + elementwise
+    # and the ledger counts it once per client batch, on the client
+    plain, defended = (bench.main(TINY + ["--costs-only", "--schemes", "sl-client", "--rounds", "2"] + extra)[0]
+                       for extra in ([], ["--defense", "nopeek:1"]))
+    batches = [end - start for n in plain["num_examples"] for start, end in batch_bounds(n, 8)]
+    activation = int(np.prod(ds.activation_shape("transition1", 32)))
+    assert defended["flops"]["client"] - plain["flops"]["client"] == 2 * sum(
+        privacy.nopeek_flops(n, 32 * 32, activation) for n in batches)
+    assert defended["flops"]["server"] == plain["flops"]["server"] and defended["bytes"] == plain["bytes"]
+
+
+def test_the_server_receives_the_activations_plus_seeded_noise_of_the_stated_scale(three_sites, monkeypatch):
+    computed, received = [], []
+    defend, send = Run.defend, Run.send
+
+    def recording_defend(run, site, images, activations):
+        computed.append(activations.detach().clone())
+        return defend(run, site, images, activations)
+
+    def recording_send(run, source, destination, *tensors):
+        if destination == "server" and tensors[0].dim() == 4:
+            received.append(tensors[0].clone())
+        return send(run, source, destination, *tensors)
+
+    monkeypatch.setattr(Run, "defend", recording_defend)
+    monkeypatch.setattr(Run, "send", recording_send)
+    runs = [splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(noise=0.5), **dict(FAST, rounds=1))
+            for _ in range(2)]
+    noise = [sent - activations for sent, activations in zip(received, computed)]
+    half = len(noise) // 2
+    assert half == len(received) - half == sum(len(batch_bounds(len(s), 16)) for s in three_sites[0])  # each run
+    for batch, activations in zip(noise[:half], computed):
+        assert batch.mean().abs() < 0.02 * activations.std()
+        assert batch.std() / activations.std() == pytest.approx(0.5, rel=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(noise[:half], noise[half:]))  # the same seed, the same noise
+    assert not torch.equal(noise[0][:8], noise[1][:8])  # and every batch its own
+    assert runs[0]["loss"] == runs[1]["loss"] and torch.equal(
+        runs[0]["models"][0][0].conv0.weight, runs[1]["models"][0][0].conv0.weight)
+
+
+def test_every_defense_at_strength_zero_is_the_undefended_run_bit_for_bit(tmp_path):
+    zero = ["--defense", "nopeek:0", "--defense", "noise:0", "--defense", "gradient-noise:0"]
+    plain, defended = (bench.main(TINY + ["--schemes", "sl-client", "--label-private", "--rounds", "2",
+                                          "--save", str(tmp_path / name)] + extra)[0]
+                       for name, extra in (("plain", []), ("zero", zero)))
+    for key in ("loss", "auroc", "site_auroc", "bytes", "flops", "privacy"):
+        assert plain[key] == defended[key], key
+    saved = [torch.load(tmp_path / name / "sl-client" / "site-0.pt", weights_only=True) for name in ("plain", "zero")]
+    assert all(torch.equal(value, saved[1]["client"][key]) for key, value in saved[0]["client"].items())
+
+
+def test_nopeek_lowers_dcor_at_the_cut_as_alpha_grows(three_sites):
+    train_sets = three_sites[0]
+    found = []
+    for alpha in (0, 1, 10):
+        result = splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha), **FAST)
+        client_model = result["models"][0][0]
+        found.append(statistics.mean(privacy.leakage(client_model, s.images, 16)["dcor"] for s in train_sets))
+    assert found[0] > found[1] > found[2], found
+
+
+def test_each_privacy_measure_is_reported_from_its_worst_round():
+    attack = lambda ssim: dict(ssim=ssim, ssim_floor=0.7, psnr=20.0, psnr_floor=19.0)
+    leak = lambda cosine: [dict(norm_auroc=0.5, cosine_auroc=cosine)] * 2
+    history = [dict(round=1, privacy=dict(dcor=[0.5, 0.7], dcor_shuffled=[0.01, 0.0], attack=attack(0.8),
+                                          label_leak=leak(0.9))),
+               dict(round=2, privacy=dict(dcor=[0.9, 0.1], dcor_shuffled=[0.02, 0.0], attack=attack(0.75),
+                                          label_leak=leak(None))),
+               dict(round=3, privacy=dict(dcor=[0.8, 0.6], dcor_shuffled=[0.03, 0.0], attack=attack(0.7),
+                                          label_leak=leak(0.95)))]
+    args = bench.parse_args(["--label-private"])[0]
+    found = bench.what_the_server_learns("sfv1", history, args)
+    assert found["dcor"] == [0.8, 0.6] and found["dcor_shuffled"] == [0.03, 0.0]  # mean 0.7 beats 0.6 and 0.5
+    assert found["attack"]["ssim"] == 0.8 and found["label_leak"][0]["cosine_auroc"] == 0.95
+    assert found["worst_round"] == dict(dcor=3, attack=1, label_leak=3)
+    assert found["labels_leave"] is False and found["sends"] == "activations"
+
+
+def test_tradeoff_trains_each_defense_at_each_strength_and_prints_the_curve(tmp_path, capsys):
+    rows = bench.main(TINY + ["--tradeoff", "--defense", "nopeek:1", "--defense", "noise:0.5", "--rounds", "2",
+                              "--json", str(tmp_path / "rows.json")])
+    assert [(row["scheme"], row["defense"]) for row in rows] == [
+        ("sl-client", "none"), ("sl-client", "nopeek:1"), ("sl-client", "noise:0.5")]
+    none, nopeek, noise = rows
+    assert nopeek["flops"]["client"] > none["flops"]["client"] < noise["flops"]["client"]
+    assert none["bytes"] == nopeek["bytes"] == noise["bytes"]
+    assert all(len(row["history"]) == 2 and all("dcor" in entry["privacy"] for entry in row["history"]) for row in rows)
+    assert statistics.mean(noise["privacy"]["dcor"]) < statistics.mean(none["privacy"]["dcor"])
+    out = capsys.readouterr().out
+    assert "what each defense buys" in out and "nopeek:1" in out.split("what each defense buys")[1]
+    assert [row["defense"] for row in json.loads((tmp_path / "rows.json").read_text())] == ["none", "nopeek:1", "noise:0.5"]
+
+
+@pytest.mark.extras
+def test_tradeoff_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench.main(TINY + ["--tradeoff", "--defense", "noise:1", "--plot", str(tmp_path / "tradeoff.png")])
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # DICOM (the [dicom] extra)
