@@ -316,7 +316,7 @@ def test_with_one_site_every_scheme_is_centralized_training(scheme, bn, one_site
 
 @pytest.fixture(scope="module")
 def three_site_results(three_sites):
-    return {name: run(*fresh_split(), *three_sites, **FAST) for name, run in SCHEMES.items()}
+    return {name: run(*fresh_split(), *three_sites, **dict(FAST, rounds=1)) for name, run in SCHEMES.items()}
 
 
 def same_weights(models):
@@ -335,7 +335,7 @@ def test_three_sites_who_deploys_what(three_site_results):
 
 def test_bytes_equal_the_shape_arithmetic(three_sites, three_site_results):
     train_sets, _ = three_sites
-    num_images, num_sites, rounds = sum(len(s) for s in train_sets), len(train_sets), FAST["rounds"]
+    num_images, num_sites, rounds = sum(len(s) for s in train_sets), len(train_sets), 1
     activation = int(np.prod(ds.activation_shape("transition1", 32)))
     client_model, server_model = fresh_split()
     client_bytes = sum(t.numel() * 4 for t in client_model.state_dict().values() if t.is_floating_point())
@@ -463,8 +463,8 @@ def test_single_class_test_site_reports_auroc_not_defined(three_sites):
     assert result["site_auroc"][2] is None and result["site_auroc"][0] is not None
 
 
-def test_same_seed_same_models_bytes_and_flops(three_sites):
-    runs = [splitfed.train(*fresh_split(), *three_sites, version=1, **dict(FAST, rounds=1)) for _ in range(2)]
+def test_same_seed_same_models_bytes_and_flops(three_sites, three_site_results):
+    runs = [three_site_results["sfv1"], splitfed.train(*fresh_split(), *three_sites, version=1, **dict(FAST, rounds=1))]
     assert runs[0]["bytes"] == runs[1]["bytes"] and runs[0]["flops"] == runs[1]["flops"]
     assert runs[0]["history"][0]["auroc"] == runs[1]["history"][0]["auroc"]
     for a, b in zip(runs[0]["models"], runs[1]["models"]):
@@ -1155,40 +1155,20 @@ def test_bench_shows_what_the_server_can_learn(capsys):
 
 # Defenses: what a client can do about it, and its price
 
-def reference_dcor2(x, z):
-    """Bias-corrected dCor² written out from Székely and Rizzo (2014) with loops in numpy: the oracle."""
-    n = len(x)
-
-    def u_centred(samples):
-        samples = samples.reshape(n, -1)
-        a = np.array([[np.linalg.norm(samples[i] - samples[j]) for j in range(n)] for i in range(n)])
-        centred = np.zeros((n, n))
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    centred[i, j] = (a[i, j] - a[i].sum() / (n - 2) - a[:, j].sum() / (n - 2)
-                                     + a.sum() / ((n - 1) * (n - 2)))
-        return centred
-
-    a, b = u_centred(x), u_centred(z)
-    inner = lambda p, q: (p * q).sum() / (n * (n - 3))
-    return inner(a, b) / math.sqrt(inner(a, a) * inner(b, b))
-
-
 def test_nopeeks_penalty_and_its_gradient_match_the_formula_written_out():
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(8, 1, 4, 4, generator=generator, dtype=torch.float64)
     activations = images.flatten(1)[:, :6] * 2 + 0.3 * torch.randn(8, 6, generator=generator, dtype=torch.float64)
     activations.requires_grad_()
     penalty = privacy.nopeek_penalty(images, activations)
-    assert penalty.item() == pytest.approx(reference_dcor2(images.numpy(), activations.detach().numpy()), rel=1e-10)
+    assert penalty.item() == pytest.approx(distance_correlation_by_the_book(images, activations.detach()), rel=1e-10)
     (grad_penalty,) = torch.autograd.grad(penalty, activations)
-    for index in [(0, 0), (3, 2), (7, 5)]:  # central differences of the oracle
+    for index in [(0, 0), (3, 2), (7, 5)]:  # central differences of the formula
         shifted = [activations.detach().clone() for _ in range(2)]
         shifted[0][index] += 1e-6
         shifted[1][index] -= 1e-6
-        numeric = (reference_dcor2(images.numpy(), shifted[0].numpy())
-                   - reference_dcor2(images.numpy(), shifted[1].numpy())) / 2e-6
+        numeric = (distance_correlation_by_the_book(images, shifted[0])
+                   - distance_correlation_by_the_book(images, shifted[1])) / 2e-6
         assert grad_penalty[index].item() == pytest.approx(numeric, rel=1e-5)
     # the client's backward pass: the server's gradient plus alpha times the penalty's
     sent, flops = privacy.Defense(nopeek=0.5).activations(images, activations, key=(0, 0, 0, 0))
@@ -1229,16 +1209,17 @@ def test_the_server_receives_the_activations_plus_seeded_noise_of_the_stated_sca
 
     monkeypatch.setattr(Run, "defend", recording_defend)
     monkeypatch.setattr(Run, "send", recording_send)
-    runs = [splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(noise=0.5), **dict(FAST, rounds=1))
-            for _ in range(2)]
+    runs = [splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(noise=0.5),
+                             **dict(FAST, rounds=1, batch_size=8)) for _ in range(2)]
     noise = [sent - activations for sent, activations in zip(received, computed)]
     half = len(noise) // 2
-    assert half == len(received) - half == sum(len(batch_bounds(len(s), 16)) for s in three_sites[0])  # each run
+    assert half == len(received) - half == sum(len(batch_bounds(len(s), 8)) for s in three_sites[0])  # each run
     for batch, activations in zip(noise[:half], computed):
         assert batch.mean().abs() < 0.02 * activations.std()
         assert batch.std() / activations.std() == pytest.approx(0.5, rel=0.05)
     assert all(torch.equal(a, b) for a, b in zip(noise[:half], noise[half:]))  # the same seed, the same noise
-    assert not torch.equal(noise[0][:8], noise[1][:8])  # and every batch its own
+    drawn = [batch / batch.std() for batch in noise[:half]]  # the unit noise: every batch its own
+    assert not any(a.shape == b.shape and torch.allclose(a, b, atol=1e-5) for i, a in enumerate(drawn) for b in drawn[i + 1:])
     assert runs[0]["loss"] == runs[1]["loss"] and torch.equal(
         runs[0]["models"][0][0].conv0.weight, runs[1]["models"][0][0].conv0.weight)
 
@@ -1258,7 +1239,8 @@ def test_nopeek_lowers_dcor_at_the_cut_as_alpha_grows(three_sites):
     train_sets = three_sites[0]
     found = []
     for alpha in (0, 1, 10):
-        result = splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha), **FAST)
+        result = splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha),
+                                  **dict(FAST, rounds=1))
         client_model = result["models"][0][0]
         found.append(statistics.mean(privacy.leakage(client_model, s.images, 16)["dcor"] for s in train_sets))
     assert found[0] > found[1] > found[2], found
