@@ -411,7 +411,7 @@ def test_recompute_batchnorm_equals_one_pass_with_momentum_none_on_one_batch():
 
 
 def test_bn_setting_never_changes_the_trained_weights(three_sites):
-    runs = {bn: splitfed.train(*fresh_split(), *three_sites, version=2, **dict(FAST, bn=bn))
+    runs = {bn: splitfed.train(*fresh_split(), *three_sites, version=2, **dict(FAST, bn=bn, rounds=1))
             for bn in ("local", "averaged")}
     for local, averaged in zip(runs["local"]["models"], runs["averaged"]["models"]):
         for (name, a), b in zip(local.named_parameters(), averaged.parameters()):
@@ -1226,8 +1226,8 @@ def test_the_server_receives_the_activations_plus_seeded_noise_of_the_stated_sca
 
 def test_every_defense_at_strength_zero_is_the_undefended_run_bit_for_bit(tmp_path):
     zero = ["--defense", "nopeek:0", "--defense", "noise:0", "--defense", "gradient-noise:0"]
-    plain, defended = (bench.main(TINY + ["--schemes", "sl-client", "--label-private", "--rounds", "2",
-                                          "--save", str(tmp_path / name)] + extra)[0]
+    plain, defended = (bench.main(TINY + ["--schemes", "sl-client", "--label-private", "--save", str(tmp_path / name)]
+                                  + extra)[0]
                        for name, extra in (("plain", []), ("zero", zero)))
     for key in ("loss", "auroc", "site_auroc", "bytes", "flops", "privacy"):
         assert plain[key] == defended[key], key
