@@ -147,8 +147,9 @@ def parse_args(argv):
                         help="split schemes keep the classifier head and the loss at the client (U-shaped): "
                              "labels never leave a site")
     parser.add_argument("--attack", action="store_true",
-                        help="also run a reconstruction attack on each split scheme's activations (a decoder trained "
-                             "on another site's images, 1000 steps; about a minute a scheme at 48 px on 2 CPU cores)")
+                        help="also run a reconstruction attack on each split scheme's activations after every round (a "
+                             "decoder trained on another site's images; at 1000 steps about a minute a round at 48 px "
+                             "on 2 CPU cores)")
     parser.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
                         help="the reconstruction attack's decoder training steps")
     parser.add_argument("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
