@@ -1109,7 +1109,7 @@ def test_reconstruction_attack_beats_its_floor_at_the_first_cut_and_reaches_it_a
     model = ds.merge(*trained_split)
     train_sets = three_sites[0]
     found = {cut: privacy.reconstruction_attack(ds.split_model(model, cut)[0], train_sets[1].images,
-                                                train_sets[0].images, 16, steps=300)
+                                                train_sets[0].images, 16, steps=150)
              for cut in ("conv0", "norm5")}
     assert found["conv0"]["ssim"] > found["conv0"]["ssim_floor"] + 0.05
     assert found["norm5"]["ssim"] < found["conv0"]["ssim"]
