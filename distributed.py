@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -526,10 +527,12 @@ def launch(argv, num_parties, threads, rows_path):
             parties.append((process, errors))
         print("parties: " + ", ".join(f"{party_name(rank)} pid {process.pid}" for rank, (process, _) in enumerate(parties)),
               flush=True)
-        deadline = None
+        deadline, first = None, None  # first: the rank that failed first, the cause when no party says more
         while any(process.poll() is None for process, _ in parties):
-            if deadline is None and any(process.poll() for process, _ in parties):
-                deadline = time.monotonic() + 60  # one failed: the others stop by themselves, or are stopped
+            if first is None:
+                first = next((rank for rank, (process, _) in enumerate(parties) if process.poll()), None)
+                if first is not None:
+                    deadline = time.monotonic() + 60  # one failed: the others stop by themselves, or are stopped
             if deadline is not None and time.monotonic() > deadline:
                 for process, _ in parties:
                     process.kill()
@@ -540,6 +543,14 @@ def launch(argv, num_parties, threads, rows_path):
         for process, errors in parties:
             errors.seek(0)
             lines += [line.strip() for line in errors if line.startswith("bench.py: error:")]
-        print(lines[0] if lines else "bench.py: error: a party failed with exit status "
-              f"{next(p.returncode for p, _ in parties if p.returncode)}", file=sys.stderr, flush=True)
+        if first is None:  # all of them ended at once
+            first = next(rank for rank, (process, _) in enumerate(parties) if process.returncode)
+        print(lines[0] if lines else f"bench.py: error: {ended(first, parties[first][0])}", file=sys.stderr, flush=True)
         return 1
+
+
+def ended(rank, process):
+    """How a party's process ended, in words: "client 1 (pid 4242) was killed by SIGKILL"."""
+    status = process.returncode
+    how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+    return f"{party_name(rank)} (pid {process.pid}) {how}"

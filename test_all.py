@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import data
 import densenet_split as ds
+import distributed
 import fedlearn
 import privacy
 import report
@@ -969,6 +970,26 @@ def test_bytes_measured_on_the_wire_are_the_ledger_plus_under_ten_percent(tmp_pa
     ledger = sum(sum(row["bytes"].values()) for row in json.loads(rows.read_text()))
     evaluation = sum(row["eval_bytes"] for row in json.loads(rows.read_text()))
     assert ledger <= measured - evaluation <= 1.10 * ledger, (measured, ledger, evaluation)
+
+
+def test_when_no_party_says_why_the_launcher_names_the_first_that_ended_and_how(monkeypatch, capsys, tmp_path):
+    """A client killed by SIGKILL has no last words; the others notice and exit without a line of their own."""
+    class Party:
+        def __init__(self, argv, env, stderr, stdout):
+            self.rank, self.pid, self.returncode, self.polls = int(env["RANK"]), 4240 + int(env["RANK"]), None, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.returncode is None and (self.rank == 2 or self.polls > 3):
+                self.returncode = -signal.SIGKILL if self.rank == 2 else 1
+            return self.returncode
+
+        def kill(self):
+            self.returncode = -signal.SIGKILL
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Party)
+    assert distributed.launch([], 3, 1, str(tmp_path / "rows.json")) == 1
+    assert capsys.readouterr().err == "bench.py: error: client 1 (pid 4242) was killed by SIGKILL\n"
 
 
 def test_a_killed_client_stops_every_party_within_a_minute_with_one_line():
