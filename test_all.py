@@ -124,7 +124,7 @@ def test_weights_that_do_not_fit_or_cannot_be_downloaded_are_clear_errors(tmp_pa
 
 def test_training_flops_split_adds_up_to_the_whole_model():
     torch.manual_seed(0)
-    for cut in ("conv0", "norm0", "transition1", "denseblock3", "norm5"):
+    for cut in ("conv0", "transition1", "norm5"):  # the first, the default and the last
         client_model, server_model = ds.split_densenet121(cut)
         whole = ds.training_flops(nn.Sequential(client_model, server_model), (1, 64, 64))
         assert sum(ds.split_flops(client_model, server_model, (1, 64, 64))) == whole, cut
@@ -1256,12 +1256,12 @@ def test_every_defense_at_strength_zero_is_the_undefended_run_bit_for_bit(tmp_pa
     assert all(torch.equal(value, saved[1]["client"][key]) for key, value in saved[0]["client"].items())
 
 
-def test_nopeek_lowers_dcor_at_the_cut_as_alpha_grows(three_sites):
+def test_nopeek_lowers_dcor_at_the_cut_as_alpha_grows(three_sites, three_site_results):
     train_sets = three_sites[0]
     found = []
-    for alpha in (0, 1, 10):
-        result = splitlearn.train(*fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha),
-                                  **dict(FAST, rounds=1))
+    for alpha in (0, 1, 10):  # alpha 0: the undefended run of the fixture, the same settings
+        result = three_site_results["sl-client"] if alpha == 0 else splitlearn.train(
+            *fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha), **dict(FAST, rounds=1))
         client_model = result["models"][0][0]
         found.append(statistics.mean(privacy.leakage(client_model, s.images, 16)["dcor"] for s in train_sets))
     assert found[0] > found[1] > found[2], found
