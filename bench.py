@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -408,18 +407,13 @@ def what_the_server_sees(round, models, train_sets, args, defense, failed, say):
     return found
 
 
-WORST = dict(dcor=lambda found: statistics.mean(found["dcor"]),
-             attack=lambda found: found["attack"]["ssim"] - found["attack"]["ssim_floor"],
-             label_leak=lambda found: statistics.mean(site["cosine_auroc"] or 0.5 for site in found["label_leak"]))
-
-
 def what_the_server_learns(scheme, history, args):
     """A scheme's privacy: what leaves a site, whether labels do, and for the split schemes each measure of
     `what_the_server_sees` in the round it was worst (the earliest of equals), with that round in
     "worst_round": an early, barely trained client part may tell more than the last."""
     found = dict(sends=SENDS.get(scheme, "activations"),
                  labels_leave=scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private))
-    for key, score in WORST.items():
+    for key, score in privacy.LEAKED.items():
         measured = [entry for entry in history if key in (entry.get("privacy") or {})]
         if measured:
             worst = max(measured, key=lambda entry: score(entry["privacy"]))

@@ -16,6 +16,7 @@ label-private client returns. Every measure above takes the defense, so that it 
 actually receives.
 """
 import copy
+import statistics
 
 import numpy as np
 import torch
@@ -320,6 +321,13 @@ def label_leak(client_model, server_model, images, labels, batch_size, defense=N
     cosine = auroc(F.cosine_similarity(gradients, gradients[:1], dim=1), labels)
     return dict(norm_auroc=auroc(gradients.norm(dim=1), labels),
                 cosine_auroc=None if cosine is None else max(cosine, 1 - cosine))
+
+
+# How much each measure of one round says the server learnt (more is worse): dCor² (mean over sites), the
+# attack's SSIM above its floor, the cosine label attack's AUROC (mean over sites; undefined counts as chance).
+LEAKED = dict(dcor=lambda found: statistics.mean(found["dcor"]),
+              attack=lambda found: found["attack"]["ssim"] - found["attack"]["ssim_floor"],
+              label_leak=lambda found: statistics.mean(site["cosine_auroc"] or 0.5 for site in found["label_leak"]))
 
 
 def cuts_sweep(client_model, server_model, train_sets, batch_size, attack=False, steps=1000, log=print):

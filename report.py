@@ -7,6 +7,7 @@ import statistics
 
 import torch
 
+import privacy
 from common import LINKS, PARTIES
 
 LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
@@ -155,10 +156,9 @@ def plot_tradeoff(rows, path):
     from matplotlib import pyplot
 
     done = [row for row in rows if not row.get("error") and "dcor" in row.get("privacy", {})]
-    measures = [("dCor² (worst round, mean over sites)", lambda found: statistics.mean(found["dcor"]))]
+    measures = [("dCor² (worst round, mean over sites)", privacy.LEAKED["dcor"])]
     if any("attack" in row["privacy"] for row in done):
-        measures.append(("attack SSIM above its floor (worst round)",
-                         lambda found: found["attack"]["ssim"] - found["attack"]["ssim_floor"]))
+        measures.append(("attack SSIM above its floor (worst round)", privacy.LEAKED["attack"]))
     figure, panels = pyplot.subplots(1, len(measures), figsize=(5.5 * len(measures), 4.2), squeeze=False)
     for scheme in dict.fromkeys(row["scheme"] for row in done):
         runs = [row for row in done if row["scheme"] == scheme and row["seed"] == done[0]["seed"]]
