@@ -31,8 +31,8 @@ import privacy
 import report
 import splitfed
 import splitlearn
-from common import BN_SETTINGS, ORDERS
-from densenet_split import CUTS, cost_only, label_private, split_densenet121
+from common import BN_SETTINGS, ORDERS, one_line
+from densenet_split import CUTS, cost_only, label_private, load_site_model, split_densenet121
 
 SCHEMES = {
     "central": lambda client, server, *sets, **cfg: fedlearn.centralized(nn.Sequential(client, server), *sets, **cfg),
@@ -166,6 +166,10 @@ def parse_args(argv):
     parser.add_argument("--save", metavar="DIR",
                         help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, with model.json) "
                              "and DIR/results.json with every round's history, as each scheme ends")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="go on with a run saved with --save DIR that was interrupted (give its other flags "
+                             "again): its finished schemes are kept, the interrupted one goes on from its last "
+                             "complete round (DIR/SCHEME/checkpoint.pt), the rest start; --save DIR implied")
     parser.add_argument("--plot", metavar="PATH.png",
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     parser.add_argument("--costs-only", action="store_true",
@@ -213,6 +217,12 @@ def parse_args(argv):
     if args.distributed and (args.label_private or args.attack or args.cuts_sweep):
         parser.error("--distributed runs the schemes as they are: --label-private, --attack and --cuts-sweep "
                      "run in the simulation")
+    if args.resume:
+        if args.save and os.path.abspath(args.save) != os.path.abspath(args.resume):
+            parser.error(f"--resume {args.resume} saves where it resumes; --save {args.save} is elsewhere")
+        if args.distributed:
+            parser.error("--resume: a --distributed run cannot resume yet (its parties keep no checkpoints)")
+        args.save = args.resume
     if args.save and args.costs_only:
         parser.error("--save keeps trained models; --costs-only trains none")
     if args.distributed and (args.costs_only or args.profile):
@@ -359,11 +369,6 @@ def deployment_seconds(row, bandwidth_mbit, client_tflops, server_tflops, latenc
     return compute + transfer + on_the_critical_path(row["messages"]) * latency_ms / 2e3
 
 
-def one_line(error):
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
-
-
 def attempt(what, function, failed, say):
     """`function()`, run after training: if it raises, the one-line cause goes to `failed[what]` and is
     printed, and None is returned, so that a failing measurement never loses what training computed."""
@@ -434,6 +439,71 @@ def defenses(args):
     return [privacy.Defense()] + [privacy.Defense(**{name: strength}) for name, strength in points]
 
 
+TRAINED = ("data", "sites", "site_sizes", "same_scanner", "partition", "image_size", "cut", "bn", "batch_size", "lr",
+           "bf16", "layout", "order", "schemes", "seeds", "label_private", "attack", "attack_steps", "defense",
+           "tradeoff")  # what a resumed run must repeat; besides, its rounds may only grow
+NOTED = ("device", "deterministic", "threads")  # what changes the numbers in their last bits only
+
+
+def run_settings(args):
+    """The settings --save writes to DIR/run.json, as JSON holds them (a tuple comes back a list)."""
+    settings = {key: getattr(args, key) for key in TRAINED + ("rounds", "device", "deterministic")}
+    return json.loads(json.dumps(dict(settings, threads=torch.get_num_threads())))
+
+
+def jobs(args):
+    """Every (seed, scheme, defense) the run trains, in order."""
+    return [(seed, scheme, defense) for seed in range(args.seeds) for scheme in args.schemes for defense in defenses(args)]
+
+
+def job_row(args, seed, scheme, defense):
+    return dict(scheme=scheme, seed=seed, bn=args.bn, order=args.order, defense=str(defense))
+
+
+def resumable(args, parser, say):
+    """--resume DIR: the rows DIR's run finished, by (scheme, seed, defense), once DIR is known to hold a run of
+    these settings whose checkpoints load whole. Anything else, before anything is written: one line naming
+    the setting or the file, exit status 2."""
+    where = f"--resume {args.resume}"
+    try:
+        with open(os.path.join(args.resume, "run.json")) as file:
+            saved = json.load(file)
+        rows = []
+        if os.path.exists(os.path.join(args.resume, "results.json")):
+            with open(os.path.join(args.resume, "results.json")) as file:
+                rows = json.load(file)
+    except FileNotFoundError as error:
+        parser.error(f"{where}: no {os.path.basename(error.filename)} there (a run with --save writes one)")
+    except (OSError, ValueError) as error:
+        parser.error(f"{where}: {one_line(error)}")
+    now = run_settings(args)
+    for key in TRAINED:
+        if saved.get(key) != now[key]:
+            parser.error(f"{where}: --{key.replace('_', '-')} differs (the run had {saved.get(key)}, now {now[key]})")
+    for key in NOTED:
+        if saved.get(key) != now[key]:
+            say(f"note: the run had {key} {saved.get(key)}, now {now[key]}: the numbers may differ in their last bits")
+    finished = {}
+    for seed, scheme, defense in jobs(args):
+        row = job_row(args, seed, scheme, defense)
+        key = scheme, seed, row["defense"]
+        earlier = [prior for prior in rows if not prior.get("error")
+                   and (prior["scheme"], prior["seed"], prior.get("defense", "none")) == key]
+        done = [len(prior["history"]) for prior in earlier]
+        if args.rounds in done:
+            finished[key] = earlier[done.index(args.rounds)]
+            continue
+        path = os.path.join(report.save_folder(row, args), "checkpoint.pt")
+        if os.path.exists(path):  # the run goes on from it: it must load whole
+            try:
+                done.append(len(common.load_checkpoint(path)["history"]))
+            except ValueError as error:
+                parser.error(f"{where}: {error}")
+        if max(done, default=0) > args.rounds:
+            parser.error(f"{where}: --rounds {args.rounds}, but {report.name(row)} has trained {max(done)} already")
+    return finished
+
+
 def set_determinism(deterministic):
     """--deterministic: deterministic kernels only (an error names any operation that has none), no cuDNN
     autotuning, and a fixed cuBLAS workspace (read when cuBLAS starts, so this runs before any CUDA work).
@@ -444,9 +514,10 @@ def set_determinism(deterministic):
     torch.backends.cudnn.benchmark = False
 
 
-def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense=None, observe=None):
+def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense=None, observe=None,
+                 checkpoint=None):
     """One scheme trained from the seed's initial weights under `defense`, `observe(round, models)` after each
-    round: (result, its `Profile` or None)."""
+    round, from and to `checkpoint` (a path) if given: (result, its `Profile` or None)."""
     if transport:
         transport.begin(scheme)  # from here on: this party's busy time and peak memory for the scheme
     torch.manual_seed(seed)
@@ -465,7 +536,7 @@ def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defe
                                  order=args.order, device=args.device, costs_only=args.costs_only,
                                  channels_last=args.layout == "channels-last", transport=transport,
                                  defense=defense if scheme in SPLIT_SCHEMES else None, observe=observe,
-                                 log=lambda line: say(line, flush=True))
+                                 checkpoint=checkpoint, log=lambda line: say(line, flush=True))
     return result, profile if args.profile else None
 
 
@@ -477,6 +548,7 @@ def main(argv=None):
     ends as one line on stderr, and, run from the command line, the exit status is then 1.
     """
     args, parser = parse_args(argv)
+    common.checkpoints.wait()  # (an interrupted run earlier in this process: its last checkpoint is written first)
     set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -493,26 +565,41 @@ def main(argv=None):
         parser.error(str(error))
     if transport:
         transport.timeout = args.timeout or distributed.schedule_timeout(args.cut, train_sets, test_sets)
+    finished = resumable(args, parser, say) if args.resume else {}
     if args.save and rank == 0:
         os.makedirs(args.save, exist_ok=True)
+        with open(os.path.join(args.save, "run.json"), "w") as file:
+            json.dump(run_settings(args), file, indent=1)
     say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
         f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
-    for seed, scheme, defense in [(seed, scheme, defense) for seed in range(args.seeds) for scheme in args.schemes
-                                  for defense in defenses(args)]:
-        row = dict(scheme=scheme, seed=seed, bn=args.bn, order=args.order, defense=str(defense))
+    for seed, scheme, defense in jobs(args):
+        row = job_row(args, seed, scheme, defense)
         row_failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
+        checkpoint = None
+        if args.save and not transport:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`)
+            checkpoint = os.path.join(report.save_folder(row, args), "checkpoint.pt")
+            if (scheme, seed, row["defense"]) in finished:
+                rows.append(finished[scheme, seed, row["defense"]])
+                row_say(f"finished before: kept from {args.save}", flush=True)
+                if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
+                    sweep = scheme, load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt"))
+                continue
+            if not args.resume and os.path.exists(checkpoint):
+                os.remove(checkpoint)  # a new run in an old folder starts afresh
         observe = None
         if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
             observe = lambda round, models: what_the_server_sees(round, models, train_sets, args, defense,
                                                                  row_failed, row_say)
         try:
             result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense,
-                                           observe)
+                                           observe, checkpoint)
         except distributed.PartyFailed as error:
             distributed.stop(rank, str(error))
         except Exception as error:  # one scheme failing never loses the rows already finished
+            if transport:  # ... but the other parties cannot go on without this one: all stop, with the cause
+                transport.fail(f"{distributed.party_name(rank)}: {scheme}: {one_line(error)}")
             row["error"] = one_line(error)
             say(f"{scheme} failed: {row['error']}", flush=True)
         else:

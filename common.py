@@ -9,6 +9,8 @@ counts: that is how `bench.py --costs-only` predicts costs at any scale.
 import contextlib
 import copy
 import math
+import os
+import threading
 import time
 
 import numpy as np
@@ -22,9 +24,14 @@ LINKS = ("client->server", "server->client", "client->client", "client->aggregat
 PARTIES = ("client", "server", "aggregator")
 DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
                 costs_only=False, channels_last=True, transport=None, order="fixed", defense=None,
-                observe=None)
+                observe=None, checkpoint=None)
 BN_SETTINGS = ("local", "averaged")
 ORDERS = ("fixed", "shuffled")
+
+
+def one_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
 
 
 def auroc(scores, labels):
@@ -145,6 +152,109 @@ def tensors(dataset):
     return torch.stack([item[0] for item in dataset]), torch.tensor([float(item[1]) for item in dataset])
 
 
+def tree_map(function, objects):
+    """`objects` (tensors in tuples, lists and dicts, as `run.send` takes them) with every tensor mapped."""
+    if isinstance(objects, torch.Tensor):
+        return function(objects)
+    if isinstance(objects, dict):
+        return {key: tree_map(function, value) for key, value in objects.items()}
+    if isinstance(objects, (list, tuple)):
+        return type(objects)(tree_map(function, value) for value in objects)
+    return objects
+
+
+def leaves(objects):
+    found = []
+    tree_map(found.append, objects)
+    return found
+
+
+def pack(state):
+    """The tensors of `state` (a state dict, nested), flattened and joined into one tensor per dtype, on the
+    CPU: a checkpoint of a few large tensors saves and loads many times faster than one of thousands."""
+    by_dtype = {}
+    for tensor in leaves(state):
+        by_dtype.setdefault(str(tensor.dtype), []).append(tensor.detach().reshape(-1))
+    return {dtype: torch.cat(parts).cpu() for dtype, parts in by_dtype.items()}
+
+
+def unpack(packed, like):
+    """`like` (a state dict shaped as the one `pack` packed) with the packed values, in the same order."""
+    used = dict.fromkeys(packed, 0)
+
+    def take(tensor):
+        dtype, start = str(tensor.dtype), used.get(str(tensor.dtype), 0)
+        used[dtype] = start + tensor.numel()
+        if dtype not in packed or used[dtype] > packed[dtype].numel():
+            raise ValueError("the checkpoint holds other model parts")
+        # in the memory layout of `like`'s tensor (channels-last, say): fused Adam pairs a weight's elements
+        # with its moments' by their place in memory
+        return torch.empty_like(tensor, device="cpu").copy_(packed[dtype][start:used[dtype]].view(tensor.shape))
+    state = tree_map(take, like)
+    if any(used[dtype] != values.numel() for dtype, values in packed.items()):
+        raise ValueError("the checkpoint holds other model parts")
+    return state
+
+
+def save_checkpoint(checkpoint, path):
+    """`torch.save` atomically: into a temporary file beside `path`, flushed to the disk, then renamed over it,
+    so that a kill or a power cut during the write leaves the previous checkpoint whole."""
+    temporary = f"{path}.tmp"
+    os.makedirs(os.path.dirname(temporary) or ".", exist_ok=True)
+    with open(temporary, "wb") as file:
+        torch.save(checkpoint, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+class CheckpointWriter:
+    """Writes checkpoints while training goes on: `write` copies the checkpoint to the CPU (what training
+    changes next cannot reach the copy) and a thread saves the copy (`save_checkpoint`: on the disk, then
+    renamed into place); `wait` returns when the last write is done, with its exception if it raised one."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def write(self, checkpoint, path):
+        error = self.wait()
+        if error:
+            raise error
+        snapshot = tree_map(lambda tensor: tensor.detach().to("cpu", copy=True), checkpoint)
+
+        def save():
+            try:
+                save_checkpoint(snapshot, path)
+            except BaseException as error:  # a full disk, or an interruption: the caller's to raise
+                self.error = error
+        self.thread = threading.Thread(target=save, name="checkpoint")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+        error, self.thread, self.error = self.error, None, None
+        return error
+
+
+checkpoints = CheckpointWriter()  # one writer per process: a run's checkpoint is on the disk before the next starts
+
+
+def load_checkpoint(path):
+    """A checkpoint written by `save_checkpoint`, tensors on the CPU, loaded with `weights_only=True` (tensors,
+    numbers, strings and containers; no code runs). A missing, partial or corrupted file: ValueError naming it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a whole checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"settings", "state", "history"} <= set(checkpoint):
+        raise ValueError(f"{path}: not a checkpoint of a scheme's run")
+    return checkpoint
+
+
+_warmed_up = set()  # what `Run.warm_up` has prepared in this process
+
+
 class Run:
     """One scheme's run: settings, batches, counted costs, timing and the per-round history."""
 
@@ -174,6 +284,48 @@ class Run:
         self._num_losses = 0
         self._clock = None  # started by the round's first transfer or batch (`_start_clock`): set-up is not timed
         self._defended = {}  # per site: the batches defended this round (the defense's noise is seeded by it)
+        self._state, self.carried = (), {}  # what a checkpoint holds besides the ledger (`restore`)
+        self._deployable = {}  # each site's copy to deploy (`deploy_copy`)
+        self.settings = dict(scheme=scheme, seed=self.cfg["seed"], bn=self.cfg["bn"], order=self.cfg["order"],
+                             batch_size=self.batch_size, lr=self.lr, bf16=self.cfg["bf16"], defense=str(self.cfg["defense"]),
+                             num_examples=[len(s) for s in train_sets], image_shape=list(self.image_shape))
+
+    def restore(self, *state, **carried):
+        """Make the run resumable: `state` (every model copy and optimizer the loop keeps across rounds) and the
+        loop's own variables `carried` (their values at the start) go into the checkpoint written after every
+        round (`end_round`) when the run has one (checkpoint=PATH), with the ledger, the history and the time.
+        If PATH holds a checkpoint already, all of it is loaded back now, so that `rounds_to_go` goes on from
+        the round after it. Returns the loop's variables as the checkpoint left them (else `carried`)."""
+        self._state, self.carried = state, dict(carried)
+        path = self.cfg["checkpoint"]
+        if path is None or not os.path.exists(path):
+            return self.carried
+        checkpoint = load_checkpoint(path)
+        differs = [key for key in self.settings if checkpoint["settings"].get(key) != self.settings[key]]
+        if differs or len(checkpoint["state"]) != len(state):
+            raise ValueError(f"{path}: a checkpoint of another run ({', '.join(differs) or 'its model copies'} differ)")
+        for holder, saved in zip(state, checkpoint["state"]):
+            if saved is not None:  # None: a copy another process holds (under a transport)
+                try:
+                    holder.load_state_dict(unpack(saved, holder.state_dict()))
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}") from None
+        for ledger in ("bytes", "messages", "flops"):
+            getattr(self, ledger).update(checkpoint[ledger])
+        self.seconds, self.history = checkpoint["seconds"], checkpoint["history"]
+        self.carried.update(checkpoint["carried"])
+        return self.carried
+
+    def rounds_to_go(self):
+        """The rounds (0-based) still to train: all of them, or after a restored checkpoint's last one."""
+        return range(len(self.history), self.rounds)
+
+    def _checkpoint(self):
+        weights = lambda holder: holder.param_groups[0]["params"] if hasattr(holder, "param_groups") else list(holder.parameters())
+        state = [None if weights(holder)[0].is_meta else pack(holder.state_dict()) for holder in self._state]
+        checkpoints.write(dict(settings=self.settings, state=state, bytes=self.bytes, messages=self.messages,
+                               flops=self.flops, seconds=self.seconds, history=self.history, carried=self.carried),
+                          self.cfg["checkpoint"])
 
     def _start_clock(self):
         if self._clock is None:
@@ -233,17 +385,22 @@ class Run:
     def warm_up(self, *models):
         """One untimed training step of a copy of each model part, per batch size this run will train with:
         first kernel loads, cuDNN's choices and allocator growth happen here, so that the first scheme of a
-        run does not pay them in its round 1. The parts, their optimizers and the random state are untouched.
-        `models` are the parts in the order data flows through them (a label-private client's head last);
-        a part held by another process (meta weights, under a transport) is skipped."""
+        run does not pay them in its round 1. Once per process for each architecture, input shape, batch size
+        and setting: what it prepares is the process's, and the next scheme finds it done. The parts, their
+        optimizers and the random state are untouched. `models` are the parts in the order data flows through
+        them (a label-private client's head last); a part held by another process (meta weights, under a
+        transport) is skipped."""
         parts = [*models, models[0].head] if is_label_private(models[0]) else list(models)
         sizes = {end - start for dataset in self.train_sets for start, end in batch_bounds(len(dataset), self.batch_size)}
         shape = self.image_shape
         for index, part in enumerate(parts):
-            if not next(part.parameters()).is_meta:
+            setting = (str(part), shape, str(self.device), self.cfg["bf16"], self.cfg["channels_last"])
+            cold = sorted(size for size in sizes if (setting, size) not in _warmed_up)
+            if cold and not next(part.parameters()).is_meta:
                 part = copy.deepcopy(part)
                 optimizer = self.optimizer(part)
-                for size in sorted(sizes):
+                for size in cold:
+                    _warmed_up.add((setting, size))
                     inputs = torch.zeros(size, *shape, device=self.device, requires_grad=index > 0)
                     if self.cfg["channels_last"] and inputs.dim() == 4:
                         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -327,11 +484,13 @@ class Run:
         self._num_losses += len(labels)
         return loss
 
-    def end_round(self, round, models):
-        """Close round `round` (0-based): time it, deploy and score each site's model, log one line.
+    def end_round(self, round, models, **carried):
+        """Close round `round` (0-based): time it, deploy and score each site's model, log one line, and
+        write the checkpoint if the run has one (`restore`).
 
-        `models`: each site's model as training left it; the sites deploy them as `deploy` says. With a
-        transport, the processes do this together (`distributed.Transport`): rank 0 gets the numbers.
+        `models`: each site's model as training left it; the sites deploy them as `deploy` says. `carried`:
+        the loop's own variables at the round's end. With a transport, the processes do this together
+        (`distributed.Transport`): rank 0 gets the numbers.
         """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -369,6 +528,9 @@ class Run:
             self.cfg["log"](f"{self.scheme} round {round + 1}/{self.rounds} loss {loss} auroc {score} "
                             f"elapsed {self.seconds:.1f}s")
         self._clock = None
+        self.carried.update(carried)
+        if self.cfg["checkpoint"] and not self.cfg["costs_only"]:
+            self._checkpoint()
 
     def deploy(self, models):
         """What each site deploys. bn="local": a copy of its model whose BatchNorm statistics are recomputed
@@ -376,8 +538,18 @@ class Run:
         bn="averaged": `models` as they are."""
         if self.cfg["bn"] == "averaged":
             return models
-        return [recompute_batchnorm(copy.deepcopy(model), self.batches(train_set, site, 0, shuffle=False), self.autocast)
-                for site, (model, train_set) in enumerate(zip(models, self.train_sets))]
+        return [recompute_batchnorm(self.deploy_copy(site, model), self.batches(train_set, site, 0, shuffle=False),
+                                    self.autocast) for site, (model, train_set) in enumerate(zip(models, self.train_sets))]
+
+    def deploy_copy(self, key, model):
+        """A copy of `model` to deploy as `key` (a site): made in the first round, then refreshed with `model`'s
+        state (loading a DenseNet's state takes a tenth of the time of copying it); a round's deployed models
+        are therefore the run's until the next round ends."""
+        if key not in self._deployable:
+            self._deployable[key] = copy.deepcopy(model)
+        else:
+            self._deployable[key].load_state_dict(model.state_dict())
+        return self._deployable[key]
 
     @torch.no_grad()
     def score(self, models):
@@ -404,6 +576,11 @@ class Run:
 
     def result(self, models):
         """The run's numbers; "models" are the deployed models of the last round, one per site."""
+        error = checkpoints.wait()  # the last round's checkpoint is on the disk before the run reports
+        if error:
+            raise error
+        if self.deployed is None and self.history and not self.cfg["costs_only"]:  # every round restored
+            self.deployed = self.cfg["transport"].deploy_and_score(self, models)[0] if self.cfg["transport"] else self.deploy(models)
         last = self.history[-1] if self.history else {}
         result = dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
                       auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 import data
-from common import LINKS, batchnorm_statistics, party_kind
+from common import LINKS, batchnorm_statistics, leaves, one_line, party_kind, tree_map
 from densenet_split import StandIn, split_densenet121, training_flops, unwrap
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
@@ -72,23 +72,6 @@ def placement(scheme):
 def placeholder(tensor):
     """A tensor's shape and dtype on the meta device: what a process that does not hold it carries on with."""
     return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
-
-
-def tree_map(function, objects):
-    """`objects` (tensors in tuples, lists and dicts, as `run.send` takes them) with every tensor mapped."""
-    if isinstance(objects, torch.Tensor):
-        return function(objects)
-    if isinstance(objects, dict):
-        return {key: tree_map(function, value) for key, value in objects.items()}
-    if isinstance(objects, (list, tuple)):
-        return type(objects)(tree_map(function, value) for value in objects)
-    return objects
-
-
-def leaves(objects):
-    found = []
-    tree_map(found.append, objects)
-    return found
 
 
 def memory_order(tensor):
@@ -310,7 +293,7 @@ class Transport:
         for site, model in enumerate(models):
             client_side, server_side = self.halves(model)
             if run.cfg["bn"] == "local":
-                client_side, server_side = copy.deepcopy(client_side), copy.deepcopy(server_side)
+                client_side, server_side = run.deploy_copy((site, 0), client_side), run.deploy_copy((site, 1), server_side)
             if shared and site != self.last_client:
                 self.send(self.last_client, site, None, client_side.state_dict())
             if run.cfg["bn"] == "local":
@@ -401,6 +384,13 @@ class Transport:
                                       f"site-{site}"))
         return train_sets, test_sets
 
+    def fail(self, message):
+        """This party cannot go on: tell the others (their watchdogs read the store every second) and leave
+        with one line."""
+        with contextlib.suppress(Exception):
+            self.store.set("failed", message)
+        stop(self.rank, message)
+
     def close(self):
         """The end of a clean run: stop watching, and let rank 0 (the store's host) go last."""
         self.settle()
@@ -413,12 +403,14 @@ class Transport:
 class Watchdog(threading.Thread):
     """Beats every second in the store and watches the other parties' beats: a party silent for
     `SILENT_SECONDS` (killed, or its machine gone) or one that noted a failure stops this process with one
-    line naming the party. A party that is alive but stuck is caught by the per-operation timeout."""
+    line naming the party. A party that is alive but stuck is caught by the per-operation timeout. The
+    process that started this one gone (the launcher killed, torchrun's agent lost), it stops too."""
 
     def __init__(self, store, rank, world_size):
         super().__init__(daemon=True)
         self.store, self.rank, self.world_size = store, rank, world_size
         self.stopped = threading.Event()
+        self.parent = os.getppid()
 
     def stop(self):
         self.stopped.set()
@@ -427,6 +419,8 @@ class Watchdog(threading.Thread):
     def run(self):
         beats = {rank: (-1, time.monotonic()) for rank in range(self.world_size) if rank != self.rank}
         while not self.stopped.wait(HEARTBEAT_SECONDS):
+            if os.getppid() != self.parent:
+                stop(self.rank, f"{party_name(self.rank)}: the process that started it is gone")
             try:
                 self.store.add(f"alive/{self.rank}", 1)
                 if self.store.check(["failed"]):
@@ -467,6 +461,9 @@ def connect(timeout, device):
     transport = Transport(rank, world_size, store, timeout, device)
     transport.watchdog = Watchdog(store, rank, world_size)
     transport.watchdog.start()
+    # Any exception nothing caught (an out-of-memory, Ctrl-C), here or in another party, stops every party.
+    sys.excepthook = lambda kind, error, trace: transport.fail(f"{party_name(rank)}: {one_line(error)}")
+    signal.signal(signal.SIGTERM, lambda *_: transport.fail(f"{party_name(rank)} was stopped (SIGTERM)"))
     return transport
 
 
@@ -515,28 +512,35 @@ def launch(argv, num_parties, threads, rows_path):
     line naming the party that failed."""
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
-        parties = []
-        for rank in range(num_parties):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_parties),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also in a network namespace of its own
-            errors = open(os.path.join(folder, f"{rank}.err"), "w+")
-            process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "bench.py"), *argv,
-                                        "--json", rows_path], env=env, stderr=errors,
-                                       stdout=None if rank == 0 else subprocess.DEVNULL)
-            parties.append((process, errors))
-        print("parties: " + ", ".join(f"{party_name(rank)} pid {process.pid}" for rank, (process, _) in enumerate(parties)),
-              flush=True)
-        deadline, first = None, None  # first: the rank that failed first, the cause when no party says more
-        while any(process.poll() is None for process, _ in parties):
-            if first is None:
-                first = next((rank for rank, (process, _) in enumerate(parties) if process.poll()), None)
-                if first is not None:
-                    deadline = time.monotonic() + 60  # one failed: the others stop by themselves, or are stopped
-            if deadline is not None and time.monotonic() > deadline:
-                for process, _ in parties:
+        parties, first = [], None  # first: the rank that failed first, the cause when no party says more
+        stopped = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        try:
+            for rank in range(num_parties):
+                env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_parties),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+                env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also in a network namespace of its own
+                errors = open(os.path.join(folder, f"{rank}.err"), "w+")
+                process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "bench.py"),
+                                            *argv, "--json", rows_path], env=env, stderr=errors,
+                                           stdout=None if rank == 0 else subprocess.DEVNULL)
+                parties.append((process, errors))
+            print("parties: " + ", ".join(f"{party_name(rank)} pid {process.pid}"
+                                          for rank, (process, _) in enumerate(parties)), flush=True)
+            deadline = None
+            while any(process.poll() is None for process, _ in parties):
+                if first is None:
+                    first = next((rank for rank, (process, _) in enumerate(parties) if process.poll()), None)
+                    if first is not None:
+                        deadline = time.monotonic() + 60  # one failed: the others stop by themselves, or are stopped
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        finally:  # also on Ctrl-C, SIGTERM or any error here: no party is left running
+            signal.signal(signal.SIGTERM, stopped)
+            for process, _ in parties:
+                if process.poll() is None:
                     process.kill()
-            time.sleep(0.2)
+                    process.wait()
         if not any(process.returncode for process, _ in parties):
             return 0
         lines = []

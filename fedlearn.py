@@ -64,7 +64,8 @@ def centralized(model, train_sets, test_sets, **cfg):
     uploads = [run.send(site, "server", *tensors(train_set)) for site, train_set in enumerate(train_sets)]
     images, labels = zip(*uploads)  # the raw images and their labels, uploaded once
     pool = Site(torch.cat(images), torch.cat(labels), "pool")
-    for round in range(run.rounds):
+    run.restore(model, optimizer)  # from the last checkpoint, if the run has one
+    for round in run.rounds_to_go():
         local_epoch(run, model, optimizer, pool, 0, round, "server", flops_per_sample)
         run.end_round(round, [model] * len(test_sets))
     return run.result([model] * len(test_sets))
@@ -78,7 +79,8 @@ def train(model, train_sets, test_sets, **cfg):
     optimizers = [run.optimizer(m) for m in client_models]  # each client's own Adam, kept across rounds
     num_examples = [len(s) for s in train_sets]
     flops_per_sample = training_flops(model, run.image_shape)
-    for round in range(run.rounds):
+    run.restore(*client_models, *optimizers)  # from the last checkpoint, if the run has one
+    for round in run.rounds_to_go():
         for site, (client_model, optimizer, dataset) in enumerate(zip(client_models, optimizers, train_sets)):
             local_epoch(run, client_model, optimizer, dataset, site, round, "client", flops_per_sample)
         average_models(run, client_models, num_examples)

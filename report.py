@@ -33,6 +33,11 @@ def folder_name(row):
     return name(row).replace(" ", "-").replace(":", "")
 
 
+def save_folder(row, args):
+    """A row's folder under --save DIR: its models, model.json and its checkpoint."""
+    return os.path.join(args.save, folder_name(row) + (f"-seed{row['seed']}" if args.seeds > 1 else ""))
+
+
 def mean_std(values, digits=3):
     values = [v for v in values if v is not None]
     if not values:
@@ -244,7 +249,7 @@ def save_models(models, row, train_sets, args, label_private):
     """Each site's deployed model as {"client": state dict, "server": state dict} of CPU tensors (the parts of
     `split_densenet121(cut)`, loadable on a machine without a GPU), and beside them model.json: what it takes
     to load and use them."""
-    folder = os.path.join(args.save, folder_name(row) + (f"-seed{row['seed']}" if args.seeds > 1 else ""))
+    folder = save_folder(row, args)
     os.makedirs(folder, exist_ok=True)
     for site, (client_model, server_model) in enumerate(models):
         torch.save({part: {key: value.cpu() for key, value in model.state_dict().items()}

@@ -37,7 +37,8 @@ def train(client_model, server_model, train_sets, test_sets, version=1, turns="c
     serves = [site % num_servers for site in range(num_sites)]  # the server copy each site trains with
     schedule = turns if version == 2 else "batch"  # v1, v3: the clients in parallel (see above)
     deployed = [joined(client_models[site], server_models[serves[site]]) for site in range(num_sites)]
-    for round in range(run.rounds):
+    run.restore(*client_models, *server_models, *client_optimizers, *server_optimizers)  # if the run resumes
+    for round in run.rounds_to_go():
         for site, images, labels in take_turns(run, train_sets, round, schedule):
             step(run, site, client_models[site], server_models[serves[site]], client_optimizers[site],
                  server_optimizers[serves[site]], images, labels, flops)

@@ -96,12 +96,13 @@ def train(client_model, server_model, train_sets, test_sets, turns="client", **c
     flops = split_flops(client_model, server_model, run.image_shape)
     step = step_for(client_model)
     deployed = [joined(client_model, server_model)] * len(train_sets)
-    holder = 0  # the site that holds the client part; site 0 starts with it
-    for round in range(run.rounds):
+    # The site that holds the client part (site 0 starts with it), restored with the parts if the run resumes.
+    holder = run.restore(client_model, server_model, client_optimizer, server_optimizer, holder=0)["holder"]
+    for round in run.rounds_to_go():
         for site, images, labels in take_turns(run, train_sets, round, turns):
             if site != holder:  # hand the client part and its optimizer state to the next client
                 run.send(holder, site, client_model.state_dict(), client_optimizer.state_dict()["state"])
                 holder = site
             step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops)
-        run.end_round(round, deployed)
+        run.end_round(round, deployed, holder=holder)
     return run.result(deployed)

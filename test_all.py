@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import common
 import data
 import densenet_split as ds
 import distributed
@@ -328,8 +329,13 @@ def same_weights(models):
 
 def test_three_sites_who_deploys_what(three_site_results):
     for name in ("fedavg", "sl-client", "sl-batch", "sfv1", "sfv2"):
-        assert same_weights(three_site_results[name]["models"]), name
+        models = three_site_results[name]["models"]
+        assert same_weights(models) and len({id(model) for model in models}) == 3, name  # three copies, not one
     assert not same_weights(three_site_results["sfv3"]["models"])
+    # FedAvg and SplitFed v1 compute the same model: the same weights and statistics at every site, bit for bit.
+    for fedavg, sfv1 in zip(three_site_results["fedavg"]["models"], three_site_results["sfv1"]["models"]):
+        assert all(torch.equal(a, b) for a, b in zip(fedavg.state_dict().values(), sfv1.state_dict().values()))
+    assert three_site_results["fedavg"]["auroc"] == three_site_results["sfv1"]["auroc"]
     sl = {name: three_site_results[name]["bytes"]["client->client"] for name in ("sl-client", "sl-batch")}
     assert sl["sl-batch"] > sl["sl-client"] > 0
 
@@ -662,6 +668,7 @@ def test_a_failing_measurement_keeps_its_row_and_names_itself(tmp_path, monkeypa
 
 
 def test_set_up_is_not_in_the_wall_time_and_warm_up_changes_nothing(one_site, monkeypatch):
+    monkeypatch.setattr(common, "_warmed_up", set())  # this process has warmed nothing up yet
     quick = splitfed.train(*fresh_split(), *one_site, version=1, **dict(FAST, rounds=1))
     hours, count = [0.0], splitfed.split_flops
     clock = time.perf_counter
@@ -743,11 +750,11 @@ def test_costs_only_predicts_exactly_what_training_counts(tiny_run):
         assert costs["deploy_seconds"] == real["deploy_seconds"]
 
 
-def test_costs_only_at_ten_sites_predicts_exactly_what_training_counts():
-    ten_sites = ["--site-sizes", ",".join(["8"] * 10), "--image-size", "32", "--rounds", "1", "--batch-size", "8",
-                 "--bn", "averaged"]  # no statistics pass at ten sites: it counts nothing
-    trained = bench.main(ten_sites)
-    predicted = bench.main(ten_sites + ["--costs-only"])
+def test_costs_only_at_five_sites_predicts_exactly_what_training_counts():
+    five_sites = ["--site-sizes", ",".join(["8"] * 5), "--image-size", "32", "--rounds", "1", "--batch-size", "8",
+                  "--bn", "averaged"]  # no statistics pass: it counts nothing
+    trained = bench.main(five_sites)
+    predicted = bench.main(five_sites + ["--costs-only"])
     for real, costs in zip(trained, predicted):
         assert costs["bytes"] == real["bytes"] and costs["flops"] == real["flops"], real["scheme"]
 
@@ -791,8 +798,11 @@ def test_profile_splits_training_time_and_reports_memory(capsys):
     header = out.index(next(line for line in out if line.startswith("scheme") and "images/s" in line))
     cells = out[header + 1].split()
     assert cells[0] == "sl-client" and float(cells[1]) > 0
-    shares = [float(cell.rstrip("%")) for cell in cells[2:7]]
-    assert all(share > 0 for share in shares[:3]) and sum(shares) == pytest.approx(100, abs=3)
+    forward, backward, optimizer, transfers, other = [float(cell.rstrip("%")) for cell in cells[2:7]]
+    # "other" is what the four timed parts leave of the run's clock: it cannot be negative (a part timed twice,
+    # or outside the clock, would make it so), and forward and backward are most of a step.
+    assert forward > 0 and backward > 0 and optimizer > 0 and transfers >= 0 and other >= 0
+    assert forward + backward > 50
     assert float(cells[7]) > 0 and cells[8] in ("MB", "GB")  # peak memory
 
 
@@ -919,7 +929,7 @@ def test_shuffled_turns_draw_a_seeded_order_per_round_and_parallel_clients_canno
     assert orders == turn_orders(0) and orders != turn_orders(1)  # seeded
     assert all(sorted(order) == [0, 1, 2] for order in orders) and len({tuple(o) for o in orders}) > 1
     runs = {(name, order): SCHEMES[name](*fresh_split(), *three_sites, **dict(FAST, rounds=1, order=order, seed=1))
-            for name in ("sl-client", "sfv1") for order in ("fixed", "shuffled")}
+            for name in ("sl-client", "sfv1", "sfv2") for order in ("fixed", "shuffled")}
     holder, handoffs = 0, 0  # by hand: the client part moves whenever the next turn is another site's
     for site in turn_orders(1)[0]:  # seed 1 draws 2, 1, 0 in round 1
         handoffs, holder = handoffs + (site != holder), site
@@ -927,7 +937,8 @@ def test_shuffled_turns_draw_a_seeded_order_per_round_and_parallel_clients_canno
     assert runs["sl-client", "fixed"]["messages"]["client->client"] == 2
     changed = lambda name: not all(torch.equal(a, b) for a, b in zip(
         runs[name, "fixed"]["models"][0].state_dict().values(), runs[name, "shuffled"]["models"][0].state_dict().values()))
-    assert changed("sl-client") and not changed("sfv1")  # v1's clients each have their own server copy
+    # v1's clients each have their own server copy; v2's share one, which the order of their turns changes.
+    assert changed("sl-client") and not changed("sfv1") and changed("sfv2")
 
 
 def test_deployment_estimate_adds_half_a_round_trip_per_transfer_on_the_critical_path():
@@ -945,14 +956,43 @@ def test_deployment_estimate_adds_half_a_round_trip_per_transfer_on_the_critical
     assert waited["fedavg"] == pytest.approx(2 * 2 * 0.020)
 
 
+@contextlib.contextmanager
+def process_group(argv, **options):
+    """A subprocess in a process group of its own; on leaving (done, timed out, or a failed assertion) whatever
+    is left of it and of every process it started is killed."""
+    process = subprocess.Popen(argv, start_new_session=True, cwd=Path(__file__).parent, **options)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_in_group(argv, timeout=300):
+    """`subprocess.run(argv, capture_output=True, text=True, timeout=timeout)`, but a timeout kills the
+    process's whole group, not only the process."""
+    with process_group(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+def test_a_subprocess_that_times_out_is_killed_with_everything_it_started():
+    with pytest.raises(subprocess.TimeoutExpired), process_group(
+            ["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True) as process:
+        grandchild = int(process.stdout.readline())
+        process.communicate(timeout=0.5)
+    time.sleep(0.2)
+    assert not alive(grandchild)
+
+
 def in_private_network(script, bandwidth_mbit=None):
     """Run a shell script in a network namespace of its own (only loopback, counters for us alone)."""
     # A small bucket (and packets to fit it): a transfer waits its full time even after an idle spell. A queue
     # of a minute's traffic: nothing is dropped, so TCP never waits on a retransmission the model knows nothing of.
     shaping = (f"ip link set lo mtu 1500 && tc qdisc add dev lo root tbf rate {round(bandwidth_mbit * 1000)}kbit "
                f"burst 16kb latency 60s && " if bandwidth_mbit else "")
-    return subprocess.run(["unshare", "--net", "sh", "-c", f"ip link set lo up && {shaping}{script}"],
-                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
+    return run_in_group(["unshare", "--net", "sh", "-c", f"ip link set lo up && {shaping}{script}"])
 
 
 def loopback_bytes_sent(run_bench):
@@ -994,20 +1034,100 @@ def test_when_no_party_says_why_the_launcher_names_the_first_that_ended_and_how(
 
 def test_a_killed_client_stops_every_party_within_a_minute_with_one_line():
     argv = DISTRIBUTED + ["--rounds", "30", "--schemes", "sl-client", "--distributed"]
-    launcher = subprocess.Popen([sys.executable, "bench.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=Path(__file__).parent)
-    pids = dict(re.findall(r"(client \d+|server) pid (\d+)", launcher.stdout.readline()))
-    for line in launcher.stdout:
-        if "round 1/30" in line:
-            break
-    os.kill(int(pids["client 1"]), signal.SIGKILL)
-    killed = time.monotonic()
-    out, err = launcher.communicate(timeout=90)
+    with process_group([sys.executable, "bench.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) as launcher:
+        pids = dict(re.findall(r"(client \d+|server) pid (\d+)", launcher.stdout.readline()))
+        for line in launcher.stdout:
+            if "round 1/30" in line:
+                break
+        os.kill(int(pids["client 1"]), signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = launcher.communicate(timeout=90)
     assert launcher.returncode == 1 and time.monotonic() - killed < 60
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "client 1 failed" in err, err
     for pid in pids.values():  # no party left behind
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+def test_the_launcher_stopped_by_sigterm_or_an_error_ends_every_party(monkeypatch, tmp_path):
+    killed = []
+
+    class Party:
+        def __init__(self, argv, env, stderr, stdout):
+            self.rank, self.pid, self.returncode = int(env["RANK"]), 4240 + int(env["RANK"]), None
+            if self.rank == cause["fail_at"]:
+                raise OSError("no such file")
+
+        def poll(self):
+            if cause["sigterm"]:
+                cause["sigterm"] = False
+                os.kill(os.getpid(), signal.SIGTERM)  # the launcher is told to stop while its parties run
+            return self.returncode
+
+        def kill(self):
+            killed.append(self.rank)
+            self.returncode = -signal.SIGKILL
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Party)
+    handler = signal.getsignal(signal.SIGTERM)
+    for cause, expected in ((dict(sigterm=True, fail_at=None), SystemExit), (dict(sigterm=False, fail_at=2), OSError)):
+        killed.clear()
+        with pytest.raises(expected):
+            distributed.launch([], 3, 1, str(tmp_path / "rows.json"))
+        assert sorted(killed) == ([0, 1, 2] if expected is SystemExit else [0, 1])  # every party started is ended
+        assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def parties_by_hand(argv, failing_rank=None, failure=""):
+    """`bench.py argv --distributed` started party by party as torchrun would (RANK, WORLD_SIZE, MASTER_*), the
+    party `failing_rank` first running the Python `failure` (a monkeypatch); each in a group of its own."""
+    env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(distributed.free_port()),
+               GLOO_SOCKET_IFNAME="lo")
+    with contextlib.ExitStack() as stack:
+        program = {failing_rank: ["-c", f"{failure}\nimport bench\nbench.main()"]}
+        parties = [stack.enter_context(process_group(
+            [sys.executable, *program.get(rank, ["bench.py"]), *argv, "--distributed"], env=dict(env, RANK=str(rank)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)) for rank in range(3)]
+        return [party.communicate(timeout=120)[1] for party in parties], [party.returncode for party in parties]
+
+
+def test_an_error_in_one_party_stops_every_party_at_once_with_its_cause():
+    """Not only a party that dies: any exception (here an out-of-memory at client 1) stops them all, well before
+    the watchdog would take the silent party for dead."""
+    failure = ("import common\n"
+               "def out_of_memory(run, party, flops):\n"
+               "    raise RuntimeError('CUDA out of memory (a stand-in)')\n"
+               "common.Run.compute = out_of_memory")
+    started = time.monotonic()
+    errors, statuses = parties_by_hand(DISTRIBUTED + ["--schemes", "sfv1"], failing_rank=2, failure=failure)
+    assert statuses == [1, 1, 1] and time.monotonic() - started < 60
+    for err in errors:
+        assert err.strip() == "bench.py: error: client 1: sfv1: RuntimeError: CUDA out of memory (a stand-in)", err
+
+
+def test_a_party_whose_launcher_is_gone_stops_within_a_heartbeat(monkeypatch):
+    """A party's watchdog notices that the process that started it (the launcher, torchrun's agent) is gone:
+    here it started under another parent than the one it has."""
+    stopped = []
+    watchdog = distributed.Watchdog(None, 2, 3)
+    monkeypatch.setattr(distributed, "stop", lambda rank, message: stopped.append(message) or watchdog.stopped.set())
+    watchdog.parent = -1
+    watchdog.start()
+    watchdog.join(timeout=5 * distributed.HEARTBEAT_SECONDS)
+    assert stopped == ["client 1: the process that started it is gone"]
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def in_emulated_wan(argv, num_sites, mbit=None):
@@ -1035,10 +1155,10 @@ def in_emulated_wan(argv, num_sites, mbit=None):
                      f"MASTER_PORT={port} GLOO_SOCKET_IFNAME={'br0' if rank == 0 else 'eth0'} "
                      f"{sys.executable} bench.py {' '.join(argv)} --distributed > /dev/null & pids=\"$pids $!\"")
     lines.append("set +e; status=0; for pid in $pids; do wait $pid || status=1; done; exit $status")
-    return subprocess.run(["sh", "-c", "\n".join(lines)], capture_output=True, text=True, cwd=Path(__file__).parent,
-                          timeout=300)
+    return run_in_group(["sh", "-c", "\n".join(lines)])
 
 
+@pytest.mark.network
 @pytest.mark.skipif(not (ROOT and shutil.which("tc")), reason="needs root, ip netns and tc")
 def test_over_an_emulated_wan_the_deployment_estimate_holds_for_turns_and_for_parallel_clients(tmp_path):
     """At 0.5 Mbit/s the transfers (6.7-13.2 s) take over ten times the compute of the whole run (32 px, cut
@@ -1414,6 +1534,134 @@ def test_an_interrupted_run_keeps_the_models_saved_before(tmp_path, monkeypatch)
         raise FloatingPointError("loss is nan in round 1")
     monkeypatch.setitem(bench.SCHEMES, "sfv1", explode)
     bench.main(TINY + ["--schemes", "sl-client,sfv1", "--save", str(tmp_path)])
-    assert sorted(p.name for p in (tmp_path / "sl-client").iterdir()) == ["model.json", "site-0.pt", "site-1.pt"]
+    assert sorted(p.name for p in (tmp_path / "sl-client").iterdir()) == ["checkpoint.pt", "model.json", "site-0.pt",
+                                                                         "site-1.pt"]
     assert not (tmp_path / "sfv1").exists()
     assert [row["scheme"] for row in json.loads((tmp_path / "results.json").read_text())] == ["sl-client", "sfv1"]
+
+
+# Resuming an interrupted run: checkpoints (`Run.restore`), --save DIR then --resume DIR
+
+def interrupted(kind, scheme):
+    """Patches that interrupt `scheme`'s run as a kill (KeyboardInterrupt, as Ctrl-C leaves it) would:
+    "mid-round": after the first step of its second round; "boundary": at the end of its second round, its
+    checkpoint on the disk; "mid-write": halfway through writing the second round's checkpoint."""
+    end_round, compute, write = Run.end_round, Run.compute, torch.save
+
+    def boundary(run, round, models, **carried):
+        end_round(run, round, models, **carried)
+        if run.scheme == scheme and round == 1:
+            assert common.checkpoints.wait() is None
+            raise KeyboardInterrupt
+
+    def mid_round(run, party, flops):
+        if run.scheme == scheme and len(run.history) == 1:
+            raise KeyboardInterrupt
+        compute(run, party, flops)
+
+    def half_written(checkpoint, file):  # (in the thread that writes checkpoints)
+        if len(checkpoint["history"]) != 2:
+            return write(checkpoint, file)
+        whole = io.BytesIO()
+        write(checkpoint, whole)
+        file.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+    return {"boundary": (Run, "end_round", boundary), "mid-round": (Run, "compute", mid_round),
+            "mid-write": (common.torch, "save", half_written)}[kind]
+
+
+def state_of(result):
+    return [value for model in result["models"] for value in model.state_dict().values()]
+
+
+def test_every_scheme_resumed_after_a_kill_mid_round_at_its_end_or_mid_write_equals_its_uninterrupted_run(tmp_path):
+    """Every model copy, optimizer state, the ledger, the history and the loop's own state (split learning's
+    holder of the client part) come back: the resumed run equals the uninterrupted one bit for bit."""
+    train_sets, test_sets = data.synthetic_sites(num_sites=2, image_size=32, site_sizes=[12, 8])  # a batch each
+    cfg = dict(rounds=2, batch_size=8, bn="averaged", log=None, device="cpu")
+    for name, scheme in bench.SCHEMES.items():
+        uninterrupted = scheme(*fresh_split(), train_sets, test_sets, **cfg)
+        path = tmp_path / f"{name}.pt"
+        # A kill at the end (nothing left to train) takes the same path in every loop: one of each module's.
+        kinds = ["mid-round"] + (["mid-write"] if name == "fedavg" else []) + \
+            (["boundary"] if name in ("fedavg", "sl-client", "sfv2") else [])
+        for kind in kinds:
+            with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+                patch.setattr(*interrupted(kind, name))
+                scheme(*fresh_split(), train_sets, test_sets, checkpoint=path, **cfg)
+            common.checkpoints.wait()  # as the process's end would
+            assert len(common.load_checkpoint(path)["history"]) == (2 if kind == "boundary" else 1), (name, kind)
+            assert kind != "mid-write" or (tmp_path / f"{name}.pt.tmp").stat().st_size > 0  # the torn file beside it
+        resumed = scheme(*fresh_split(), train_sets, test_sets, checkpoint=path, **cfg)
+        for key in ("bytes", "messages", "flops", "auroc", "loss"):
+            assert resumed[key] == uninterrupted[key], (name, key)
+        assert [{k: v for k, v in entry.items() if k != "seconds"} for entry in resumed["history"]] == \
+            [{k: v for k, v in entry.items() if k != "seconds"} for entry in uninterrupted["history"]], name
+        assert all(torch.equal(a, b) for a, b in zip(state_of(resumed), state_of(uninterrupted))), name
+
+
+RESUMABLE = TINY + ["--rounds", "2", "--schemes", "central,sl-client"]
+
+
+@pytest.fixture(scope="module")
+def bench_resumed(tmp_path_factory):
+    """The bench with --save, uninterrupted; and killed in sl-client's second round (central finished), then
+    resumed with the process's clock an hour on. Returns (rows, folder) of each."""
+    folders = {how: tmp_path_factory.mktemp(how) for how in ("uninterrupted", "resumed")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = bench.main(RESUMABLE + ["--save", str(folders["uninterrupted"])])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(*interrupted("mid-round", "sl-client"))
+            with pytest.raises(KeyboardInterrupt):
+                bench.main(RESUMABLE + ["--save", str(folders["resumed"])])
+        common.checkpoints.wait()
+        with pytest.MonkeyPatch.context() as patch:
+            perf_counter = time.perf_counter
+            patch.setattr(time, "perf_counter", lambda: perf_counter() + 3600)
+            got = bench.main(RESUMABLE + ["--resume", str(folders["resumed"])])
+    return (expected, folders["uninterrupted"]), (got, folders["resumed"])
+
+
+def without_times(row):
+    timed = ("seconds", "ratio")
+    return {key: ([{k: v for k, v in entry.items() if k not in timed} for entry in value] if key == "history"
+                  else value) for key, value in json.loads(json.dumps(row)).items() if key not in timed}
+
+
+def test_a_resumed_bench_keeps_its_finished_rows_and_equals_the_uninterrupted_run(bench_resumed):
+    (expected, expected_folder), (got, folder) = bench_resumed
+    assert [without_times(row) for row in got] == [without_times(row) for row in expected]
+    assert 0 < got[1]["seconds"] < 3600  # the rounds trained, not the hour between the two processes
+    assert [without_times(r) for r in json.loads((folder / "results.json").read_text())] == \
+        [without_times(r) for r in json.loads((expected_folder / "results.json").read_text())]
+    for scheme in ("central", "sl-client"):
+        for site in range(2):
+            saved = [torch.load(where / scheme / f"site-{site}.pt", weights_only=True) for where in (folder, expected_folder)]
+            for part in ("client", "server"):
+                assert saved[0][part].keys() == saved[1][part].keys()
+                assert all(torch.equal(value, saved[0][part][key]) for key, value in saved[1][part].items()), scheme
+
+
+def test_resume_refuses_other_settings_and_damaged_files_in_one_line_overwriting_nothing(bench_resumed, tmp_path,
+                                                                                         capsys):
+    folder = bench_resumed[1][1]
+    damaged = tmp_path / "damaged"  # a run interrupted in sl-client, its checkpoint torn
+    (damaged / "sl-client").mkdir(parents=True)
+    shutil.copy(folder / "run.json", damaged / "run.json")
+    (damaged / "results.json").write_text(json.dumps(json.loads((folder / "results.json").read_text())[:1]))
+    whole = (folder / "sl-client" / "checkpoint.pt").read_bytes()
+    (damaged / "sl-client" / "checkpoint.pt").write_bytes(whole[:len(whole) // 3])
+    files = {path: path.read_bytes() for path in [*folder.rglob("*"), *damaged.rglob("*")] if path.is_file()}
+    cases = [(RESUMABLE + ["--resume", str(folder), "--cut", "pool0"], "--cut differs"),
+             (RESUMABLE[:-1] + ["sl-client", "--resume", str(folder)], "--schemes differs"),
+             (RESUMABLE + ["--resume", str(folder), "--seeds", "2"], "--seeds differs"),
+             (RESUMABLE + ["--resume", str(folder), "--rounds", "1"], "--rounds 1, but central has trained 2 already"),
+             (RESUMABLE + ["--resume", str(tmp_path / "nothing")], "no run.json there"),
+             (RESUMABLE + ["--resume", str(damaged)], str(damaged / "sl-client" / "checkpoint.pt"))]
+    for argv, reason in cases:
+        with pytest.raises(SystemExit) as stop:
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and reason in err, err
+    assert all(path.read_bytes() == content for path, content in files.items())  # nothing overwritten
