@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -56,8 +57,11 @@ class Parser(argparse.ArgumentParser):
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
-        """Append "(default: ...)" unless the help already says what the default is."""
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        """Append "(default: ...)" unless the help already says what the default is, or there is none to say
+        (a switch that is off, an output not written)."""
+        if "default" in (action.help or "") or action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def positive(kind, or_zero=False):
@@ -102,99 +106,104 @@ def size_list(text):
 def parse_args(argv):
     parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time.",
                     formatter_class=Formatter)
-    parser.add_argument("--data", metavar="PATH", default=None,
+    federation = parser.add_argument_group("data", "the federation: synthetic (default) or X-ray folders")
+    federation.add_argument("--data", metavar="PATH", default=None,
                         help="X-ray folder or CSV manifest (see README); default: the synthetic federation")
-    parser.add_argument("--sites", type=positive(int), default=None,
+    federation.add_argument("--sites", type=positive(int), default=None,
                         help="number of sites (default: 3 synthetic, or the folder's own sites)")
-    parser.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
+    federation.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
                         help=f"synthetic images per site, train and test (default: {','.join(map(str, data.SITE_SIZES))}, then 96)")
-    parser.add_argument("--same-scanner", action="store_true",
+    federation.add_argument("--same-scanner", action="store_true",
                         help="synthetic sites all acquire with one scanner (data.SHARED_SCANNER): they then differ "
                              "in size and prevalence only (default: each its own contrast, gamma, noise and blur)")
-    parser.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
+    federation.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
                         help="--data: keep its sites, or pool and split into --sites")
-    parser.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
-    parser.add_argument("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
-    parser.add_argument("--cut", choices=CUTS, default="transition1", metavar="NAME",
-                        help=f"split point, one of {', '.join(CUTS)}")
-    parser.add_argument("--bn", choices=BN_SETTINGS, default="local",
-                        help="BatchNorm statistics of the deployed models: local (recomputed at each site on its own "
-                             "training images) or averaged (as training and averaging left them)")
-    parser.add_argument("--batch-size", type=positive(int), default=32, help="mini-batch size")
-    parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when available, else cpu")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast: halves activation bytes; on a GPU faster only at large batches (README)")
-    parser.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
-                        help="memory layout of images, activations and convolution weights (channels-last is "
-                             "faster on this project's CPU and on GPUs; the numbers differ in the last bits)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="the same seed gives the same models on a GPU too: deterministic kernels, no cuDNN "
-                             "autotuning (no measurable cost at batch 32 on an H200, see README; a CPU run is "
-                             "reproducible without it)")
-    parser.add_argument("--order", choices=ORDERS, default="fixed",
-                        help="the order of split learning's and SplitFed v2's client turns: fixed (site order "
-                             "every round, as the paper did) or shuffled (a seeded order drawn each round)")
-    parser.add_argument("--schemes", type=scheme_list, default=None, metavar="LIST",
+    federation.add_argument("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
+    training = parser.add_argument_group("training", "what trains, and how")
+    training.add_argument("--schemes", type=scheme_list, default=None, metavar="LIST",
                         help="comma-separated schemes to run (default: all; the split schemes with --defense; "
                              "sl-client with --tradeoff)")
-    parser.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
-    parser.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
-    parser.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
-    parser.add_argument("--label-private", action="store_true",
+    training.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
+    training.add_argument("--cut", choices=CUTS, default="transition1", metavar="NAME",
+                        help=f"split point, one of {', '.join(CUTS)}")
+    training.add_argument("--bn", choices=BN_SETTINGS, default="local",
+                        help="BatchNorm statistics of the deployed models: local (recomputed at each site on its own "
+                             "training images) or averaged (as training and averaging left them)")
+    training.add_argument("--batch-size", type=positive(int), default=32, help="mini-batch size")
+    training.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    training.add_argument("--order", choices=ORDERS, default="fixed",
+                        help="the order of split learning's and SplitFed v2's client turns: fixed (site order "
+                             "every round, as the paper did) or shuffled (a seeded order drawn each round)")
+    training.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
+    training.add_argument("--label-private", action="store_true",
                         help="split schemes keep the classifier head and the loss at the client (U-shaped): "
                              "labels never leave a site")
-    parser.add_argument("--attack", action="store_true",
-                        help="also run a reconstruction attack on each split scheme's activations after every round (a "
-                             "decoder trained on another site's images; at 1000 steps about a minute a round at 48 px "
-                             "on 2 CPU cores)")
-    parser.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
-                        help="the reconstruction attack's decoder training steps")
-    parser.add_argument("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
+    training.add_argument("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
                         help="split schemes: a client-side defense, several allowed: nopeek:ALPHA (loss + ALPHA x "
                              "dCor² of images and activations), noise:SIGMA (Gaussian noise of SIGMA x the "
                              "activations' std on what is sent), gradient-noise:SIGMA (the same on the gradients "
                              "a --label-private client returns); default: none")
-    parser.add_argument("--tradeoff", action="store_true",
+    training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    training.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast: halves activation bytes; on a GPU faster only at large batches (README)")
+    training.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
+                        help="memory layout of images, activations and convolution weights (channels-last is "
+                             "faster on this project's CPU and on GPUs; the numbers differ in the last bits)")
+    training.add_argument("--deterministic", action="store_true",
+                        help="the same seed gives the same models on a GPU too: deterministic kernels, no cuDNN "
+                             "autotuning (no measurable cost at batch 32 on an H200, see README; a CPU run is "
+                             "reproducible without it)")
+    training.add_argument("--threads", type=positive(int), default=None, metavar="N",
+                        help="threads per process (default: torch's; with --distributed spawned here, the cores "
+                             "shared among the processes)")
+    measuring = parser.add_argument_group("what to measure", "besides AUROC, bytes, FLOPs and time")
+    measuring.add_argument("--attack", action="store_true",
+                        help="also run a reconstruction attack on each split scheme's activations after every round (a "
+                             "decoder trained on another site's images; at 1000 steps about a minute a round at 48 px "
+                             "on 2 CPU cores)")
+    measuring.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
+                        help="the reconstruction attack's decoder training steps")
+    measuring.add_argument("--tradeoff", action="store_true",
                         help="train each split scheme (default sl-client) undefended and at a ladder of strengths "
                              "per defense (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; gradient-noise 0.1,0.3,1 with "
                              "--label-private; or the --defense points given) and print privacy against AUROC")
-    parser.add_argument("--cuts-sweep", action="store_true",
+    measuring.add_argument("--cuts-sweep", action="store_true",
                         help="after the run, the server's view at every cut of one trained model (the first of "
                              "central and the split schemes to run): dCor², and with --attack the reconstruction")
-    parser.add_argument("--save", metavar="DIR",
+    measuring.add_argument("--costs-only", action="store_true",
+                        help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
+    measuring.add_argument("--profile", action="store_true",
+                        help="also print, per scheme, training images per second, the shares of time in forward, "
+                             "backward, optimizer and transfers, and peak memory (synchronises the GPU at every step)")
+    measuring.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
+                        help="deployment estimate: each link's bandwidth in Mbit/s")
+    measuring.add_argument("--latency", type=positive(float, or_zero=True), default=20.0, metavar="MS",
+                        help="deployment estimate: round-trip time between any two parties in ms (20: a hospital "
+                             "and a cloud server in the same region; 0.5: one LAN); every transfer waits half of it")
+    measuring.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
+                        help="deployment estimate: a client's sustained TFLOP/s")
+    measuring.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
+                        help="deployment estimate: the server's sustained TFLOP/s")
+    processes = parser.add_argument_group("real processes", "every party its own process (see README)")
+    processes.add_argument("--distributed", action="store_true",
+                        help="run every party as its own process on torch.distributed: spawned here over loopback, "
+                             "or, started by torchrun, this process is one party (see README)")
+    processes.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
+                        help="--distributed: the longest a party waits for another (default: one round of all "
+                             "the parties' work at 5 GFLOP/s, plus a minute)")
+    output = parser.add_argument_group("output", "files written as each scheme ends")
+    output.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
+    output.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
+    output.add_argument("--save", metavar="DIR",
                         help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, with model.json) "
                              "and DIR/results.json with every round's history, as each scheme ends")
-    parser.add_argument("--resume", metavar="DIR",
+    output.add_argument("--resume", metavar="DIR",
                         help="go on with a run saved with --save DIR that was interrupted (give its other flags "
                              "again): its finished schemes are kept, the interrupted one goes on from its last "
                              "complete round (DIR/SCHEME/checkpoint.pt), the rest start; --save DIR implied")
-    parser.add_argument("--plot", metavar="PATH.png",
+    output.add_argument("--plot", metavar="PATH.png",
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
-    parser.add_argument("--costs-only", action="store_true",
-                        help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="run every party as its own process on torch.distributed: spawned here over loopback, "
-                             "or, started by torchrun, this process is one party (see README)")
-    parser.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
-                        help="--distributed: the longest a party waits for another (default: one round of all "
-                             "the parties' work at 5 GFLOP/s, plus a minute)")
-    parser.add_argument("--threads", type=positive(int), default=None, metavar="N",
-                        help="threads per process (default: torch's; with --distributed spawned here, the cores "
-                             "shared among the processes)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print, per scheme, training images per second, the shares of time in forward, "
-                             "backward, optimizer and transfers, and peak memory (synchronises the GPU at every step)")
-    parser.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
-                        help="deployment estimate: each link's bandwidth in Mbit/s")
-    parser.add_argument("--latency", type=positive(float, or_zero=True), default=20.0, metavar="MS",
-                        help="deployment estimate: round-trip time between any two parties in ms (20: a hospital "
-                             "and a cloud server in the same region; 0.5: one LAN); every transfer waits half of it")
-    parser.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
-                        help="deployment estimate: a client's sustained TFLOP/s")
-    parser.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
-                        help="deployment estimate: the server's sustained TFLOP/s")
     args = parser.parse_args(argv)
     defended = args.defense or args.tradeoff
     if args.schemes is None:
@@ -332,6 +341,38 @@ class Profile:
         shares = [f"{100 * self.seconds[part] / total:.0f}%" for part in self.PARTS]
         other = f"{100 * (1 - sum(self.seconds.values()) / total):.0f}%"
         return [result["scheme"], f"{images / total:.1f}", *shares, other, report.human(self.peak_bytes, "B")]
+
+
+class Estimate:
+    """How long the run will take, from what it measured and never before: after the first round it trains,
+    that round's wall time (the scheme's set-up and the round's evaluation included) for every round of every
+    scheme (they all train the same FLOPs, tested); after each scheme, the mean wall time of the schemes done
+    for each one left, which picks up what FLOPs do not tell (copies, averaging, the privacy measures)."""
+
+    def __init__(self, num_jobs, rounds, say):
+        self.num_jobs, self.rounds, self.say = num_jobs, rounds, say
+        self.done, self.began, self.told = [], None, False
+
+    def job_started(self):
+        self.began = time.perf_counter()
+
+    def round_ended(self):
+        if not self.told:
+            self.told = True
+            seconds = time.perf_counter() - self.began
+            self.say(f"expected: about {duration(seconds * self.rounds * self.num_jobs)} for the run "
+                     f"({self.num_jobs} x {self.rounds} rounds at {seconds:.1f} s, as this first one took)", flush=True)
+
+    def job_ended(self):
+        self.done.append(time.perf_counter() - self.began)
+        left = self.num_jobs - len(self.done)
+        if left:
+            self.say(f"expected: about {duration(statistics.mean(self.done) * left)} more ({len(self.done)} of "
+                     f"{self.num_jobs} done in {duration(sum(self.done))})", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def load_sites(args):
@@ -574,6 +615,8 @@ def main(argv=None):
         f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
+    estimate = Estimate(len(jobs(args)) - len(finished), args.rounds,
+                        say if not args.costs_only else lambda *lines, **options: None)
     for seed, scheme, defense in jobs(args):
         row = job_row(args, seed, scheme, defense)
         row_failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
@@ -592,8 +635,10 @@ def main(argv=None):
         if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
             observe = lambda round, models: what_the_server_sees(round, models, train_sets, args, defense,
                                                                  row_failed, row_say)
+        progress = lambda line, **options: (say(line, **options), estimate.round_ended())
+        estimate.job_started()
         try:
-            result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense,
+            result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, progress, defense,
                                            observe, checkpoint)
         except distributed.PartyFailed as error:
             distributed.stop(rank, str(error))
@@ -620,6 +665,7 @@ def main(argv=None):
             if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
                 sweep = scheme, models[0]
         rows.append(row)
+        estimate.job_ended()
         report.add_ratios(rows)
         if rank == 0:
             attempt("writing the results", lambda: report.write_outputs(rows, args), failed, say)
@@ -627,11 +673,14 @@ def main(argv=None):
         transport.close()
         if rank != 0:
             return rows
-    print()
-    print(f"BatchNorm statistics: {args.bn}. AUROC: pooled over every site's test images, each site scored by "
-          f"the model it deploys; [95% CI]: stratified bootstrap, 2000 resamples."
-          + (" wire: payload bytes the processes sent (evaluation apart)." if transport else ""))
-    print(report.table(rows))
+    if not args.costs_only:
+        print(f"\nAUROC: pooled over every site's test images, each site scored by the model it deploys (BatchNorm "
+              f"statistics: {args.bn});\n[95% CI]: stratified bootstrap, 2000 resamples. wall s: training time.")
+        print(report.results_table(rows))
+    print("\nbytes per link (c: clients, s: server, agg: aggregator), FLOPs per party, deploy s: the estimated time "
+          "on a real\nnetwork (--bandwidth, --latency, --client-tflops, --server-tflops)"
+          + ("; wire: payload bytes the processes sent (evaluation apart)" if transport else "") + ".")
+    print(report.costs_table(rows))
     if args.tradeoff:
         print("\nwhat each defense buys (each measure in the round it was worst: dCor², attack, label leak; "
               "the attack: site 0's images, the attacker knowing site 1's):")

@@ -55,33 +55,43 @@ def auroc_cell(done):
     return f"{done[0]['auroc']:.3f} [{low:.2f}, {high:.2f}]"
 
 
-def table(rows):
-    """The comparison table, one line per scheme (mean ± std over seeds where there are several)."""
-    wire = any("wire_bytes" in row for row in rows)
-    header = (["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc"] + [LINK_NAMES[link] for link in LINKS]
-              + ["total"] + ["wire"] * wire + ["client FLOP", "server FLOP", "wall s", "×central", "deploy s"]
-              + ["labels", "dCor² (shuf.)"])
+def _lines(rows, header, cells):
+    """A table: `header`, then `cells(done)` for each scheme's rows that did not fail (a failed scheme: its cause)."""
     lines = [header]
     for scheme in dict.fromkeys(map(name, rows)):
         runs = [row for row in rows if name(row) == scheme]
         done = [row for row in runs if not row.get("error")]
-        if not done:
-            lines.append([scheme, "failed: " + runs[0]["error"]])
-            continue
+        lines.append([scheme] + cells(done) if done else [scheme, "failed: " + runs[0]["error"]])
+    return align(lines)
+
+
+def results_table(rows):
+    """AUROC (pooled, with its interval; per site), accuracy, wall time, and what the server can learn."""
+    def cells(done):
         first = done[0]
         sites = [a for row in done for a in (row["site_auroc"] or []) if a is not None]
-        lines.append([scheme, auroc_cell(done) if first["auroc"] is not None else "-",
-                      f"{statistics.mean(sites):.2f} ({min(sites):.2f}–{max(sites):.2f})" if sites else "-",
-                      mean_std([row["accuracy"] for row in done], 2)]
-                     + [human(first["bytes"][link], "B") for link in LINKS]
-                     + [human(sum(first["bytes"].values()), "B")]
-                     + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
-                     + [human(first["flops"]["client"]),
-                        human(first["flops"]["server"]), mean_std([row["seconds"] for row in done], 1),
-                        mean_std([row["ratio"] for row in done], 2), human(first["deploy_seconds"]),
-                        "leave" if first.get("privacy", {}).get("labels_leave") else
-                        ("stay" if first.get("privacy") else "-"), privacy_cell(first)])
-    return align(lines)
+        return [auroc_cell(done) if first["auroc"] is not None else "-",
+                f"{statistics.mean(sites):.2f} ({min(sites):.2f}–{max(sites):.2f})" if sites else "-",
+                mean_std([row["accuracy"] for row in done], 2), mean_std([row["seconds"] for row in done], 1),
+                mean_std([row["ratio"] for row in done], 2),
+                "leave" if first.get("privacy", {}).get("labels_leave") else ("stay" if first.get("privacy") else "-"),
+                privacy_cell(first)]
+    return _lines(rows, ["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc", "wall s", "×central", "labels",
+                         "dCor² (shuf.)"], cells)
+
+
+def costs_table(rows):
+    """Bytes on every link and in all (and on the wire, when real processes ran), FLOPs per party and the
+    deployment estimate."""
+    wire = any("wire_bytes" in row for row in rows)
+
+    def cells(done):
+        first = done[0]
+        return ([human(first["bytes"][link], "B") for link in LINKS] + [human(sum(first["bytes"].values()), "B")]
+                + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
+                + [human(first["flops"]["client"]), human(first["flops"]["server"]), human(first["deploy_seconds"])])
+    return _lines(rows, ["scheme"] + [LINK_NAMES[link] for link in LINKS] + ["total"] + ["wire"] * wire
+                  + ["client FLOP", "server FLOP", "deploy s"], cells)
 
 
 def align(lines):

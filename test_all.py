@@ -710,8 +710,10 @@ TINY = ["--site-sizes", "16,12", "--image-size", "32", "--rounds", "1", "--batch
 def tiny_run(tmp_path_factory):
     """All seven schemes on a tiny federation, trained by the bench: (rows, what it printed, its folder)."""
     folder, out = tmp_path_factory.mktemp("tiny"), io.StringIO()
+    began = time.perf_counter()
     with contextlib.redirect_stdout(out):
         rows = bench.main(TINY + ["--json", str(folder / "rows.json"), "--csv", str(folder / "rows.csv")])
+    (folder / "seconds").write_text(str(time.perf_counter() - began))
     return rows, out.getvalue(), folder
 
 
@@ -724,6 +726,38 @@ def test_bench_smoke_all_seven_schemes_json_and_csv(tiny_run):
     assert [row["scheme"] for row in json.loads((tmp_path / "rows.json").read_text())] == list(bench.SCHEMES)
     with open(tmp_path / "rows.csv") as file:
         assert [row["scheme"] for row in csv.DictReader(file)] == list(bench.SCHEMES)
+
+
+JSON_FIELDS = {"scheme", "seed", "bn", "order", "defense", "auroc", "auroc_interval", "site_auroc", "accuracy", "loss",
+               "bytes", "messages", "flops", "seconds", "history", "parallel", "num_examples", "deploy_seconds",
+               "privacy", "ratio"}
+
+
+def test_the_tables_fit_120_columns_and_the_json_keeps_every_field(tiny_run, capsys):
+    rows, out, folder = tiny_run
+    tables = out[out.index("\nAUROC: pooled"):]
+    assert max(map(len, tables.splitlines())) <= 120 and "c->agg" in tables and "×central" in tables
+    assert all(JSON_FIELDS <= set(row) for row in json.loads((folder / "rows.json").read_text()))
+    three_seeds = [dict(row, seed=seed, auroc=row["auroc"] - seed / 100, seconds=row["seconds"] + seed)
+                   for seed in range(3) for row in rows]
+    report.add_ratios(three_seeds)
+    wired = [dict(row, wire_bytes=row["bytes"]) for row in rows]  # as --distributed adds its wire column
+    for table in (report.results_table(three_seeds), report.costs_table(wired)):
+        assert max(map(len, table.splitlines())) <= 120, table
+    bench.main(TINY + ["--costs-only", "--label-private"])
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 120
+
+
+def test_the_time_estimate_comes_after_the_first_round_and_within_a_factor_of_three_of_the_run(tiny_run):
+    """Its first line extrapolates one round (the first scheme's set-up included) to 7 schemes; a tiny run's
+    schemes differ in their set-up more than a real run's, hence the factor."""
+    lines, took = tiny_run[1].splitlines(), float((tiny_run[2] / "seconds").read_text())
+    first = next(i for i, line in enumerate(lines) if line.startswith("expected:"))
+    assert lines[first - 1].startswith("central round 1/1") and "for the run" in lines[first]
+    number, unit = re.search(r"about (\d+) (s|min)", lines[first]).groups()
+    expected = float(number) * (60 if unit == "min" else 1)
+    assert took / 3 < expected < 3 * took, (expected, took)
+    assert sum(line.startswith("expected: about") and "more" in line for line in lines) == 6  # after each but the last
 
 
 @pytest.mark.extras
