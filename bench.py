@@ -749,5 +749,19 @@ def load_own_site(args, site):
     return train_sets[site], test_sets[site]
 
 
+def cli():
+    """`python bench.py`: Ctrl-C ends the run with one line (what is saved stays, and says how to go on), not a
+    traceback. A party of a distributed run lets it through, to its excepthook, which stops the others too."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        if "RANK" in os.environ:
+            raise
+        saved = next((sys.argv[i + 1] for i, flag in enumerate(sys.argv[:-1]) if flag in ("--save", "--resume")), None)
+        print("bench.py: interrupted" + (f"; go on with the same flags and --resume {saved}" if saved else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1651,6 +1651,18 @@ def test_every_loop_resumed_after_a_kill_mid_round_at_its_end_or_mid_write_equal
         assert all(torch.equal(a, b) for a, b in zip(state_of(resumed), state_of(uninterrupted))), name
 
 
+def test_ctrl_c_ends_the_run_with_one_line_that_says_how_to_go_on(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "main", interrupted)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--rounds", "2", "--save", "runs"])
+    with pytest.raises(SystemExit) as stop:
+        bench.cli()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "bench.py: interrupted; go on with the same flags and --resume runs\n"
+
+
 RESUMABLE = TINY + ["--rounds", "2", "--schemes", "central,sl-client"]
 
 
