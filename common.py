@@ -170,12 +170,12 @@ def leaves(objects):
 
 
 def pack(state):
-    """The tensors of `state` (a state dict, nested), flattened and joined into one tensor per dtype, on the
-    CPU: a checkpoint of a few large tensors saves and loads many times faster than one of thousands."""
+    """The tensors of `state` (a state dict, nested), flattened and joined into one new tensor per dtype, where
+    they are: a checkpoint of a few large tensors saves and loads many times faster than one of thousands."""
     by_dtype = {}
     for tensor in leaves(state):
         by_dtype.setdefault(str(tensor.dtype), []).append(tensor.detach().reshape(-1))
-    return {dtype: torch.cat(parts).cpu() for dtype, parts in by_dtype.items()}
+    return {dtype: torch.cat(parts) for dtype, parts in by_dtype.items()}
 
 
 def unpack(packed, like):
@@ -209,9 +209,10 @@ def save_checkpoint(checkpoint, path):
 
 
 class CheckpointWriter:
-    """Writes checkpoints while training goes on: `write` copies the checkpoint to the CPU (what training
-    changes next cannot reach the copy) and a thread saves the copy (`save_checkpoint`: on the disk, then
-    renamed into place); `wait` returns when the last write is done, with its exception if it raised one."""
+    """Writes checkpoints while training goes on: `write` takes a checkpoint whose tensors nothing changes
+    afterwards (`pack` makes new ones), moves them to the CPU, and a thread saves it (`save_checkpoint`: on
+    the disk, then renamed into place); `wait` returns when the last write is done, with its exception if it
+    raised one."""
 
     def __init__(self):
         self.thread, self.error = None, None
@@ -220,7 +221,7 @@ class CheckpointWriter:
         error = self.wait()
         if error:
             raise error
-        snapshot = tree_map(lambda tensor: tensor.detach().to("cpu", copy=True), checkpoint)
+        snapshot = tree_map(lambda tensor: tensor.detach().cpu(), checkpoint)  # (containers copied too)
 
         def save():
             try:
@@ -580,7 +581,7 @@ class Run:
         if error:
             raise error
         if self.deployed is None and self.history and not self.cfg["costs_only"]:  # every round restored
-            self.deployed = self.cfg["transport"].deploy_and_score(self, models)[0] if self.cfg["transport"] else self.deploy(models)
+            self.deployed = self.deploy(models)
         last = self.history[-1] if self.history else {}
         result = dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
                       auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
