@@ -189,6 +189,10 @@ def parse_args(argv):
     processes.add_argument("--distributed", action="store_true",
                         help="run every party as its own process on torch.distributed: spawned here over loopback, "
                              "or, started by torchrun, this process is one party (see README)")
+    processes.add_argument("--max-restarts", type=positive(int, or_zero=True), default=0, metavar="N",
+                        help="--distributed spawned here: when a party fails, end the others and start them all "
+                             "again, up to N times; they go on from their checkpoints (needs --save DIR), as under "
+                             "torchrun --max-restarts N")
     processes.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
                         help="--distributed: the longest a party waits for another (default: one round of all "
                              "the parties' work at 5 GFLOP/s, plus a minute)")
@@ -201,7 +205,8 @@ def parse_args(argv):
     output.add_argument("--resume", metavar="DIR",
                         help="go on with a run saved with --save DIR that was interrupted (give its other flags "
                              "again): its finished schemes are kept, the interrupted one goes on from its last "
-                             "complete round (DIR/SCHEME/checkpoint.pt), the rest start; --save DIR implied")
+                             "complete round (DIR/SCHEME/checkpoint.pt; --distributed: each party's own, "
+                             "checkpoint-PARTY.pt), the rest start; --save DIR implied")
     output.add_argument("--plot", metavar="PATH.png",
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     args = parser.parse_args(argv)
@@ -229,9 +234,10 @@ def parse_args(argv):
     if args.resume:
         if args.save and os.path.abspath(args.save) != os.path.abspath(args.resume):
             parser.error(f"--resume {args.resume} saves where it resumes; --save {args.save} is elsewhere")
-        if args.distributed:
-            parser.error("--resume: a --distributed run cannot resume yet (its parties keep no checkpoints)")
         args.save = args.resume
+    if args.max_restarts and not (args.distributed and args.save):
+        parser.error("--max-restarts starts the parties of a --distributed run again from their checkpoints: "
+                     "it needs --distributed and --save DIR")
     if args.save and args.costs_only:
         parser.error("--save keeps trained models; --costs-only trains none")
     if args.distributed and (args.costs_only or args.profile):
@@ -501,10 +507,15 @@ def job_row(args, seed, scheme, defense):
     return dict(scheme=scheme, seed=seed, bn=args.bn, order=args.order, defense=str(defense))
 
 
-def resumable(args, parser, say):
+def checkpoint_name(rank=None):
+    """A scheme's checkpoint in its --save folder: the run's, or, in a distributed run, the party's own."""
+    return "checkpoint.pt" if rank is None else f"checkpoint-{distributed.party_name(rank).replace(' ', '-')}.pt"
+
+
+def resumable(args, refuse, say, rank=None):
     """--resume DIR: the rows DIR's run finished, by (scheme, seed, defense), once DIR is known to hold a run of
-    these settings whose checkpoints load whole. Anything else, before anything is written: one line naming
-    the setting or the file, exit status 2."""
+    these settings whose checkpoints (the server's, `rank` 0, in a distributed run) load whole. Anything else,
+    before anything is written: `refuse` one line naming the setting or the file (`parser.error`: exit 2)."""
     where = f"--resume {args.resume}"
     try:
         with open(os.path.join(args.resume, "run.json")) as file:
@@ -514,13 +525,13 @@ def resumable(args, parser, say):
             with open(os.path.join(args.resume, "results.json")) as file:
                 rows = json.load(file)
     except FileNotFoundError as error:
-        parser.error(f"{where}: no {os.path.basename(error.filename)} there (a run with --save writes one)")
+        refuse(f"{where}: no {os.path.basename(error.filename)} there (a run with --save writes one)")
     except (OSError, ValueError) as error:
-        parser.error(f"{where}: {one_line(error)}")
+        refuse(f"{where}: {one_line(error)}")
     now = run_settings(args)
     for key in TRAINED:
         if saved.get(key) != now[key]:
-            parser.error(f"{where}: --{key.replace('_', '-')} differs (the run had {saved.get(key)}, now {now[key]})")
+            refuse(f"{where}: --{key.replace('_', '-')} differs (the run had {saved.get(key)}, now {now[key]})")
     for key in NOTED:
         if saved.get(key) != now[key]:
             say(f"note: the run had {key} {saved.get(key)}, now {now[key]}: the numbers may differ in their last bits")
@@ -534,14 +545,14 @@ def resumable(args, parser, say):
         if args.rounds in done:
             finished[key] = earlier[done.index(args.rounds)]
             continue
-        path = os.path.join(report.save_folder(row, args), "checkpoint.pt")
+        path = os.path.join(report.save_folder(row, args), checkpoint_name(rank))
         if os.path.exists(path):  # the run goes on from it: it must load whole
             try:
                 done.append(len(common.load_checkpoint(path)["history"]))
             except ValueError as error:
-                parser.error(f"{where}: {error}")
+                refuse(f"{where}: {error}")
         if max(done, default=0) > args.rounds:
-            parser.error(f"{where}: --rounds {args.rounds}, but {report.name(row)} has trained {max(done)} already")
+            refuse(f"{where}: --rounds {args.rounds}, but {report.name(row)} has trained {max(done)} already")
     return finished
 
 
@@ -606,7 +617,17 @@ def main(argv=None):
         parser.error(str(error))
     if transport:
         transport.timeout = args.timeout or distributed.schedule_timeout(args.cut, train_sets, test_sets)
-    finished = resumable(args, parser, say) if args.resume else {}
+        if transport.restart:  # started again (torchrun --max-restarts, or ours): each party from its checkpoints
+            args.resume = args.save
+            say(f"restart {transport.restart}: " + (f"every party goes on from its checkpoints in {args.save}"
+                                                     if args.save else "no --save DIR, so every scheme starts again"))
+    refuse = (lambda message: transport.fail(f"server: {message}")) if transport else parser.error
+    finished = resumable(args, refuse, say, rank if transport else None) if args.resume and rank == 0 else {}
+    if transport and args.resume:  # the rows rank 0 keeps from results.json: the other parties skip them too
+        keys = [(scheme, seed, str(defense)) for seed, scheme, defense in jobs(args)]
+        kept = transport.share([float(key in finished) for key in keys])
+        finished = finished if rank == 0 else {(scheme, seed, defense): job_row(args, seed, scheme, defense)
+                                                      for (scheme, seed, defense), flag in zip(keys, kept) if flag}
     if args.save and rank == 0:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, "run.json"), "w") as file:
@@ -621,16 +642,17 @@ def main(argv=None):
         row = job_row(args, seed, scheme, defense)
         row_failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
         checkpoint = None
-        if args.save and not transport:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`)
-            checkpoint = os.path.join(report.save_folder(row, args), "checkpoint.pt")
+        if args.save:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`), or each party's own
+            checkpoint = os.path.join(report.save_folder(row, args), checkpoint_name(rank if transport else None))
             if (scheme, seed, row["defense"]) in finished:
                 rows.append(finished[scheme, seed, row["defense"]])
                 row_say(f"finished before: kept from {args.save}", flush=True)
                 if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
                     sweep = scheme, load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt"))
                 continue
-            if not args.resume and os.path.exists(checkpoint):
-                os.remove(checkpoint)  # a new run in an old folder starts afresh
+            for stale in (checkpoint, common.previous(checkpoint)) if not args.resume else ():
+                if os.path.exists(stale):
+                    os.remove(stale)  # a new run in an old folder starts afresh
         observe = None
         if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
             observe = lambda round, models: what_the_server_sees(round, models, train_sets, args, defense,
@@ -723,10 +745,12 @@ def launch_parties(argv, args, parser):
                      len(args.site_sizes) if args.site_sizes else args.sites or 3)
     except ValueError as error:
         parser.error(str(error))
+    if args.resume:  # refused here, in one line, before any party starts
+        resumable(args, parser.error, lambda *lines, **options: None, rank=0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // (num_sites + 1))
     with tempfile.TemporaryDirectory() as folder:
         rows_path = args.json or os.path.join(folder, "rows.json")
-        status = distributed.launch(argv, num_sites + 1, threads, rows_path)
+        status = distributed.launch(argv, num_sites + 1, threads, rows_path, args.max_restarts)
         if status:
             sys.exit(status)
         with open(rows_path) as file:
@@ -761,6 +785,11 @@ def cli():
         print("bench.py: interrupted" + (f"; go on with the same flags and --resume {saved}" if saved else ""),
               file=sys.stderr, flush=True)
         sys.exit(130)
+    # Done, every file closed and every checkpoint written: skip Python's own clean-up of torch, torchvision and
+    # what they import, about 2 s per process (a distributed run waits for each of its parties').
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -196,15 +196,23 @@ def unpack(packed, like):
     return state
 
 
-def save_checkpoint(checkpoint, path):
+def previous(path):
+    """Where the checkpoint before `path`'s is kept, when one is (`save_checkpoint(keep_previous=True)`)."""
+    return path.removesuffix(".pt") + ".previous.pt"
+
+
+def save_checkpoint(checkpoint, path, keep_previous=False):
     """`torch.save` atomically: into a temporary file beside `path`, flushed to the disk, then renamed over it,
-    so that a kill or a power cut during the write leaves the previous checkpoint whole."""
+    so that a kill or a power cut during the write leaves the previous checkpoint whole. `keep_previous`: the
+    one it replaces is kept as `previous(path)` (a party of a distributed run may have to go back a round)."""
     temporary = f"{path}.tmp"
     os.makedirs(os.path.dirname(temporary) or ".", exist_ok=True)
     with open(temporary, "wb") as file:
         torch.save(checkpoint, file)
         file.flush()
         os.fsync(file.fileno())
+    if keep_previous and os.path.exists(path):
+        os.replace(path, previous(path))
     os.replace(temporary, path)
 
 
@@ -217,15 +225,13 @@ class CheckpointWriter:
     def __init__(self):
         self.thread, self.error = None, None
 
-    def write(self, checkpoint, path):
-        error = self.wait()
-        if error:
-            raise error
+    def write(self, checkpoint, path, keep_previous=False):
+        self.written()
         snapshot = tree_map(lambda tensor: tensor.detach().cpu(), checkpoint)  # (containers copied too)
 
         def save():
             try:
-                save_checkpoint(snapshot, path)
+                save_checkpoint(snapshot, path, keep_previous)
             except BaseException as error:  # a full disk, or an interruption: the caller's to raise
                 self.error = error
         self.thread = threading.Thread(target=save, name="checkpoint")
@@ -236,6 +242,12 @@ class CheckpointWriter:
             self.thread.join()
         error, self.thread, self.error = self.error, None, None
         return error
+
+    def written(self):
+        """`wait`, raising what the write raised."""
+        error = self.wait()
+        if error:
+            raise error
 
 
 checkpoints = CheckpointWriter()  # one writer per process: a run's checkpoint is on the disk before the next starts
@@ -298,10 +310,22 @@ class Run:
         If PATH holds a checkpoint already, all of it is loaded back now, so that `rounds_to_go` goes on from
         the round after it. Returns the loop's variables as the checkpoint left them (else `carried`)."""
         self._state, self.carried = state, dict(carried)
-        path = self.cfg["checkpoint"]
-        if path is None or not os.path.exists(path):
+        path, transport = self.cfg["checkpoint"], self.cfg["transport"]
+        if path is None:
             return self.carried
-        checkpoint = load_checkpoint(path)
+        found = {}  # by the number of rounds done
+        for saved in (path, previous(path)) if transport else (path,):
+            if os.path.exists(saved):
+                checkpoint = load_checkpoint(saved)
+                found[len(checkpoint["history"])] = saved, checkpoint
+                if len(checkpoint["history"]) > self.rounds:
+                    raise ValueError(f"{saved}: {len(checkpoint['history'])} rounds done, more than {self.rounds}")
+        # Under a transport every party goes on from the last round all of them have a checkpoint of (a party
+        # killed during a round's write has the round before; the others keep that one too).
+        done = transport.agree(found, self.rounds) if transport else max(found, default=0)
+        if done == 0:
+            return self.carried
+        path, checkpoint = found[done]
         differs = [key for key in self.settings if checkpoint["settings"].get(key) != self.settings[key]]
         if differs or len(checkpoint["state"]) != len(state):
             raise ValueError(f"{path}: a checkpoint of another run ({', '.join(differs) or 'its model copies'} differ)")
@@ -315,6 +339,8 @@ class Run:
             getattr(self, ledger).update(checkpoint[ledger])
         self.seconds, self.history = checkpoint["seconds"], checkpoint["history"]
         self.carried.update(checkpoint["carried"])
+        if transport:
+            transport.load_state_dict(checkpoint["transport"])
         return self.carried
 
     def rounds_to_go(self):
@@ -324,9 +350,11 @@ class Run:
     def _checkpoint(self):
         weights = lambda holder: holder.param_groups[0]["params"] if hasattr(holder, "param_groups") else list(holder.parameters())
         state = [None if weights(holder)[0].is_meta else pack(holder.state_dict()) for holder in self._state]
+        transport = self.cfg["transport"]
         checkpoints.write(dict(settings=self.settings, state=state, bytes=self.bytes, messages=self.messages,
-                               flops=self.flops, seconds=self.seconds, history=self.history, carried=self.carried),
-                          self.cfg["checkpoint"])
+                               flops=self.flops, seconds=self.seconds, history=self.history, carried=self.carried,
+                               transport=transport.state_dict() if transport else None),
+                          self.cfg["checkpoint"], keep_previous=transport is not None)
 
     def _start_clock(self):
         if self._clock is None:
@@ -497,6 +525,7 @@ class Run:
             torch.cuda.synchronize(self.device)
         if self.cfg["transport"]:
             self.cfg["transport"].settle()  # the round ends when what it sent has arrived
+            checkpoints.written()  # and no party passes its end before every party's last checkpoint is written
         if self._clock is not None:
             now = time.perf_counter()
             self.seconds += now - self._clock
@@ -577,11 +606,10 @@ class Run:
 
     def result(self, models):
         """The run's numbers; "models" are the deployed models of the last round, one per site."""
-        error = checkpoints.wait()  # the last round's checkpoint is on the disk before the run reports
-        if error:
-            raise error
+        checkpoints.written()  # the last round's checkpoint is on the disk before the run reports
+        transport = self.cfg["transport"]
         if self.deployed is None and self.history and not self.cfg["costs_only"]:  # every round restored
-            self.deployed = self.deploy(models)
+            self.deployed = transport.deploy_and_score(self, models)[0] if transport else self.deploy(models)
         last = self.history[-1] if self.history else {}
         result = dict(scheme=self.scheme, bn=self.cfg["bn"], auroc=last.get("auroc"),
                       auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
@@ -589,6 +617,6 @@ class Run:
                       messages=dict(self.messages), flops=dict(self.flops), seconds=self.seconds, history=self.history,
                       models=self.deployed or models, parallel=self.parallel,
                       num_examples=[len(s) for s in self.train_sets])
-        if self.cfg["transport"] is not None:  # the bytes that went on the wire; the deployed models, gathered
-            result.update(self.cfg["transport"].finish(self, result["models"]))
+        if transport is not None:  # the bytes that went on the wire; the deployed models, gathered
+            result.update(transport.finish(self, result["models"]))
         return result

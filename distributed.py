@@ -24,6 +24,10 @@ FedAvg the client holds all of it and sends its scores; for centralized training
 client sends its images); the BatchNorm statistics pass of bn="local" goes the same way over the training
 images; the loss of each round is summed at rank 0 and sent back, so that all processes stop together
 on a NaN. A party that dies or hangs stops every process within a minute with one line naming it.
+
+With --save DIR each party writes its own checkpoint after every round (`Run.restore`); started again (by
+torchrun --max-restarts, or `launch`'s own restarts, both counted in TORCHELASTIC_RESTART_COUNT), the parties
+agree on the last round all of them have one of (`Transport.agree`) and go on from it.
 """
 import contextlib
 import copy
@@ -44,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 import data
-from common import LINKS, batchnorm_statistics, leaves, one_line, party_kind, tree_map
+from common import LINKS, batchnorm_statistics, checkpoints, leaves, one_line, party_kind, tree_map
 from densenet_split import StandIn, split_densenet121, training_flops, unwrap
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
@@ -91,6 +95,7 @@ class Transport:
         self.rank, self.world_size, self.store, self.timeout = rank, world_size, store, timeout
         self.device = torch.device(device)
         self.scheme, self.last_client, self.num_finished = None, 0, 0
+        self.restart = 0  # how many times the parties were started again (torchrun's restart count)
         self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
         self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
         self.waits, self.busy = [], []  # (start, end) on the monotonic clock: waiting for a peer; working
@@ -265,7 +270,7 @@ class Transport:
                 values += self._receive(rank, [torch.zeros_like(values)])[0]
         return values.tolist() if self.rank == 0 else None
 
-    def _scatter(self, values):
+    def share(self, values):
         """Rank 0's float64 `values` (a list) to every process."""
         values = torch.tensor(values if self.rank == 0 else [0.0] * len(values), dtype=torch.float64)
         for rank in range(1, self.world_size):
@@ -275,12 +280,29 @@ class Transport:
                 values = self._receive(0, [values])[0]
         return values.tolist()
 
+    def agree(self, found, rounds):
+        """The last round (of `rounds`) every party has a checkpoint of, 0 if none: `found` holds the rounds
+        done of this party's checkpoints."""
+        held = self._gather([1.0 if done == 0 or done in found else 0.0 for done in range(rounds + 1)])
+        agreed = max(done for done, count in enumerate(held) if count == self.world_size) if self.rank == 0 else 0
+        return int(self.share([agreed])[0])
+
+    def state_dict(self):
+        """What a checkpoint keeps of this party's transport: the bytes it sent, its busy time (on the wall
+        clock, which outlives the process) and, in split learning, the client that holds the client part."""
+        return dict(wire_bytes=self.wire_bytes, eval_bytes=self.eval_bytes, last_client=self.last_client,
+                    busy=[[start + self.epoch, end + self.epoch] for start, end in self.busy])
+
+    def load_state_dict(self, state):
+        self.wire_bytes, self.eval_bytes, self.last_client = dict(state["wire_bytes"]), state["eval_bytes"], state["last_client"]
+        self.busy = [(start - self.epoch, end - self.epoch) for start, end in state["busy"]] + self.busy
+
     def round_loss(self, run):
         """The round's mean training loss, the same number in every process."""
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         total = self._gather([float(run._loss_sum), run._num_losses])
-        return self._scatter([total[0] / max(total[1], 1) if self.rank == 0 else 0.0])[0]
+        return self.share([total[0] / max(total[1], 1) if self.rank == 0 else 0.0])[0]
 
     @torch.no_grad()
     def deploy_and_score(self, run, models):
@@ -371,7 +393,7 @@ class Transport:
                 self._send(0, [torch.tensor([len(own[0]), len(own[1]), *own[0].images.shape[1:]])])
             elif self.rank == 0:
                 table[5 * rank - 5:5 * rank] = self._receive(rank, [torch.zeros(5, dtype=torch.int64)])[0].tolist()
-        table = self._scatter(table)
+        table = self.share(table)
         train_sets, test_sets = [], []
         for site in range(self.world_size - 1):
             if site == self.rank - 1:
@@ -438,14 +460,18 @@ class Watchdog(threading.Thread):
                     stop(self.rank, "server failed (its rendezvous store is gone)")
 
 
-_stopping = threading.Lock()
+_stopping, _stopper = threading.Lock(), []  # (the thread on its way out)
 
 
 def stop(rank, message):
     """Leave now, with one line; the server (host of the store) lingers so that the others can read why."""
-    if not _stopping.acquire(blocking=False):  # the other thread is already on its way out
-        threading.Event().wait()
+    if not _stopping.acquire(blocking=False):
+        if _stopper == [threading.get_ident()]:
+            return  # a signal handler (SIGTERM, Ctrl-C) run while this thread lingers: it goes on leaving
+        threading.Event().wait()  # the other thread is already on its way out
+    _stopper.append(threading.get_ident())
     print(f"bench.py: error: {message}", file=sys.stderr, flush=True)
+    checkpoints.wait()  # a checkpoint being written is whole on the disk first: a restart can go on from it
     if rank == 0:
         time.sleep(3 * HEARTBEAT_SECONDS)
     os._exit(1)
@@ -455,10 +481,13 @@ def connect(timeout, device):
     """Join the run as the party that RANK names (torchrun or `launch` set RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT); rank 0 hosts the rendezvous store, unless torchrun's agent does."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
-    store = dist.distributed_c10d._get_default_store()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=timeout)))
+    # torchrun's store outlives a restart: each start of the parties keeps its keys apart ("failed" among them)
+    store = dist.PrefixStore(f"start-{restart}/", store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     transport = Transport(rank, world_size, store, timeout, device)
+    transport.restart = restart
     transport.watchdog = Watchdog(store, rank, world_size)
     transport.watchdog.start()
     # Any exception nothing caught (an out-of-memory, Ctrl-C), here or in another party, stops every party.
@@ -506,18 +535,34 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def launch(argv, num_parties, threads, rows_path):
+def launch(argv, num_parties, threads, rows_path, max_restarts=0):
     """Run `bench.py argv` as `num_parties` processes on this machine over loopback, `threads` threads each.
-    Rank 0 prints the table and writes the rows to `rows_path`. Returns the exit status: 0, or 1 after one
-    line naming the party that failed."""
+    Rank 0 prints the table and writes the rows to `rows_path`. When a party fails, the others are ended and,
+    up to `max_restarts` times, all of them start again (as torchrun --max-restarts does: they resume from
+    their checkpoints). Returns the exit status: 0, or 1 after one line naming the party that failed."""
+    for restart in range(max_restarts + 1):
+        failure = start_parties(argv, num_parties, threads, rows_path, restart)
+        if failure is None:
+            return 0
+        if restart < max_restarts:
+            print(f"bench.py: {failure}; starting every party again ({restart + 1} of {max_restarts} restarts)",
+                  file=sys.stderr, flush=True)
+    print(f"bench.py: error: {failure}", file=sys.stderr, flush=True)
+    return 1
+
+
+def start_parties(argv, num_parties, threads, rows_path, restart):
+    """One start of the parties (`launch`): None once all of them exit cleanly; else, with every party ended,
+    what failed, in words: the first party to fail, in its own words or as its process ended."""
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
-        parties, first = [], None  # first: the rank that failed first, the cause when no party says more
+        parties, failed = [], []
         stopped = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         try:
             for rank in range(num_parties):
                 env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_parties),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
+                           TORCHELASTIC_RESTART_COUNT=str(restart))
                 env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also in a network namespace of its own
                 errors = open(os.path.join(folder, f"{rank}.err"), "w+")
                 process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "bench.py"),
@@ -526,31 +571,37 @@ def launch(argv, num_parties, threads, rows_path):
                 parties.append((process, errors))
             print("parties: " + ", ".join(f"{party_name(rank)} pid {process.pid}"
                                           for rank, (process, _) in enumerate(parties)), flush=True)
-            deadline = None
-            while any(process.poll() is None for process, _ in parties):
-                if first is None:
-                    first = next((rank for rank, (process, _) in enumerate(parties) if process.poll()), None)
-                    if first is not None:
-                        deadline = time.monotonic() + 60  # one failed: the others stop by themselves, or are stopped
-                if deadline is not None and time.monotonic() > deadline:
-                    break
+            while not failed and any(process.poll() is None for process, _ in parties):
+                failed = [rank for rank, (process, _) in enumerate(parties) if process.poll()]
                 time.sleep(0.2)
-        finally:  # also on Ctrl-C, SIGTERM or any error here: no party is left running
+            failed = failed or [rank for rank, (process, _) in enumerate(parties) if process.returncode]
+        finally:  # a party failed (the others cannot go on), Ctrl-C, SIGTERM or any error here: all are ended
             signal.signal(signal.SIGTERM, stopped)
-            for process, _ in parties:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        if not any(process.returncode for process, _ in parties):
-            return 0
-        lines = []
-        for process, errors in parties:
-            errors.seek(0)
-            lines += [line.strip() for line in errors if line.startswith("bench.py: error:")]
-        if first is None:  # all of them ended at once
-            first = next(rank for rank, (process, _) in enumerate(parties) if process.returncode)
-        print(lines[0] if lines else f"bench.py: error: {ended(first, parties[first][0])}", file=sys.stderr, flush=True)
-        return 1
+            end_all([process for process, _ in parties])
+        if not failed:
+            return None
+        # A party killed by a signal had no last words; one that raised names the cause (its own, or one
+        # another party noted first).
+        first = min(failed, key=lambda rank: (parties[rank][0].returncode > 0, rank))
+        parties[first][1].seek(0)
+        said = [line.strip().removeprefix("bench.py: error: ") for line in parties[first][1]
+                if line.startswith("bench.py: error:")]
+        return said[0] if said else ended(first, parties[first][0])
+
+
+def end_all(processes, grace_seconds=10):
+    """End `processes` as torchrun ends its workers: SIGTERM (a party stops once the checkpoint it is writing
+    is whole, `stop`), and SIGKILL for any still running after `grace_seconds` (one blocked in a transfer)."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def ended(rank, process):
