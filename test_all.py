@@ -1682,8 +1682,9 @@ def test_the_parties_go_on_from_the_last_round_every_one_of_them_has_a_checkpoin
     the parties agree on the newest round all of them hold, and each loads its checkpoint of that round."""
     transport = distributed.Transport(0, 3, None, 60, "cpu")
     for held, agreed in (([{2, 3}, {3}, {2, 3}], 3), ([{1, 2}, {1, 2}, {1}], 1), ([{2, 3}, {2}, {1}], 0)):
-        monkeypatch.setattr(transport, "_gather", lambda values: [sum(done == 0 or done in rounds for rounds in held)
-                                                                  for done in range(len(values))])
+        # this party's vector as `agree` encodes it, plus the two others' (what rank 0's gather sums)
+        monkeypatch.setattr(transport, "_gather", lambda values: [value + sum(done == 0 or done in rounds for rounds in held[1:])
+                                                                  for done, value in enumerate(values)])
         monkeypatch.setattr(transport, "share", lambda values: values)
         assert transport.agree(dict.fromkeys(held[0]), 3) == agreed, held
     train_sets, test_sets = data.synthetic_sites(num_sites=2, image_size=32, site_sizes=[12, 8])
