@@ -24,7 +24,7 @@ import torch
 import torch.optim.optimizer as optimizer_hooks
 from torch import nn
 
-import common
+import checkpoints
 import data
 import distributed
 import fedlearn
@@ -32,8 +32,9 @@ import privacy
 import report
 import splitfed
 import splitlearn
-from common import BN_SETTINGS, ORDERS, one_line
-from densenet_split import CUTS, cost_only, label_private, load_site_model, split_densenet121
+from checkpoints import Checkpoint
+from common import BN_SETTINGS, ORDERS, Observer, cost_only, one_line
+from densenet_split import CUTS, label_private, load_site_model, split_densenet121
 
 SCHEMES = {
     "central": lambda client, server, *sets, **cfg: fedlearn.centralized(nn.Sequential(client, server), *sets, **cfg),
@@ -259,18 +260,31 @@ def parse_args(argv):
     return args, parser
 
 
-class Profile:
+class Profile(Observer):
     """Where one scheme's training time goes: forward passes, backward passes, optimizer steps, transfers
-    (`Run.send`) and the rest (batches, loss, bookkeeping), and peak memory. Timed with global hooks while
-    the run's own clock runs (set-up, warm-up and scoring apart); on CUDA it synchronises at every boundary,
-    so the run itself is slower."""
+    (`run.send`) and the rest (batches, loss, bookkeeping), and peak memory. Timed while the run's own clock
+    runs (set-up, warm-up and scoring apart), with torch's global module and optimizer hooks and, for a backward
+    pass, a hook on the graph node of each outermost module's output; on CUDA it synchronises at every
+    boundary, so the run itself is slower."""
 
     PARTS = ("forward", "backward", "optimizer", "transfers")
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
-        self.depth, self.started, self.paused = 0, None, True
+        self.depth, self.since, self.paused, self.in_backward = 0, None, True, False
+
+    def round_started(self, run):
+        self.paused = False
+
+    def round_ending(self, run):
+        self.paused = True
+
+    def sending(self, run, source, destination, link, objects):
+        self._start()
+
+    def sent(self, run, source, destination, link, objects):
+        self._stop("transfers")
 
     def _now(self):
         if self.device.type == "cuda":
@@ -280,37 +294,29 @@ class Profile:
     def _start(self, *args):
         self.depth += 1
         if self.depth == 1 and not self.paused:
-            self.started = self._now()
+            self.since = self._now()
 
     def _stop(self, part):
         self.depth -= 1
-        if self.depth == 0 and self.started is not None:
-            self.seconds[part] += self._now() - self.started
-            self.started = None
+        if self.depth == 0 and self.since is not None:
+            self.seconds[part] += self._now() - self.since
+            self.since = None
 
-    def _timed(self, part, function):
-        def timed(*args, **kwargs):
+    def _forward_ended(self, module, inputs, output):
+        """An outermost module's forward: its backward pass starts where the gradient reaches its output."""
+        if self.depth == 1 and not self.paused and isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            output.grad_fn.register_prehook(self._backward_started)
+        self._stop("forward")
+
+    def _backward_started(self, grad_outputs):
+        if not self.in_backward:
+            self.in_backward = True
             self._start()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self._stop(part)
-        return timed
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)  # at the pass's end
 
-    def _paused(self, function):
-        """`Run.end_round`: the run's clock stops, until its next round starts it (`_resumed`)."""
-        def paused(*args, **kwargs):
-            self.paused = True
-            return function(*args, **kwargs)
-        return paused
-
-    def _resumed(self, function):
-        """`Run._start_clock`: where the run's clock starts, so does the profile's."""
-        def resumed(run):
-            if run._clock is None:
-                self.paused = False
-            return function(run)
-        return resumed
+    def _backward_ended(self):
+        self.in_backward = False
+        self._stop("backward")
 
     @contextlib.contextmanager
     def measure(self):
@@ -321,18 +327,12 @@ class Profile:
             with contextlib.suppress(OSError):
                 open("/proc/self/clear_refs", "w").write("5")  # restart the process's peak resident memory
         handles = [torch.nn.modules.module.register_module_forward_pre_hook(self._start),
-                   torch.nn.modules.module.register_module_forward_hook(lambda *args: self._stop("forward")),
+                   torch.nn.modules.module.register_module_forward_hook(self._forward_ended),
                    optimizer_hooks.register_optimizer_step_pre_hook(self._start),
                    optimizer_hooks.register_optimizer_step_post_hook(lambda *args: self._stop("optimizer"))]
-        originals = torch.Tensor.backward, common.Run.send, common.Run.end_round, common.Run._start_clock
-        torch.Tensor.backward = self._timed("backward", torch.Tensor.backward)
-        common.Run.send = self._timed("transfers", common.Run.send)
-        common.Run.end_round = self._paused(common.Run.end_round)
-        common.Run._start_clock = self._resumed(common.Run._start_clock)
         try:
             yield self
         finally:
-            torch.Tensor.backward, common.Run.send, common.Run.end_round, common.Run._start_clock = originals
             for handle in handles:
                 handle.remove()
         if self.device.type == "cuda":
@@ -347,6 +347,18 @@ class Profile:
         shares = [f"{100 * self.seconds[part] / total:.0f}%" for part in self.PARTS]
         other = f"{100 * (1 - sum(self.seconds.values()) / total):.0f}%"
         return [result["scheme"], f"{images / total:.1f}", *shares, other, report.human(self.peak_bytes, "B")]
+
+
+class Privacy(Observer):
+    """What a split scheme's server could learn from each round, measured after it (untimed) from each site's
+    deployed model into the round's entry of the history (`what_the_server_sees`)."""
+
+    def __init__(self, train_sets, args, defense, failed, say):
+        self.train_sets, self.args, self.defense, self.failed, self.say = train_sets, args, defense, failed, say
+
+    def round_ended(self, run, entry, deployed):
+        entry["privacy"] = what_the_server_sees(entry["round"] - 1, deployed, self.train_sets, self.args, self.defense,
+                                                self.failed, self.say)
 
 
 class Estimate:
@@ -548,7 +560,7 @@ def resumable(args, refuse, say, rank=None):
         path = os.path.join(report.save_folder(row, args), checkpoint_name(rank))
         if os.path.exists(path):  # the run goes on from it: it must load whole
             try:
-                done.append(len(common.load_checkpoint(path)["history"]))
+                done.append(len(checkpoints.load_checkpoint(path)["run"]["history"]))
             except ValueError as error:
                 refuse(f"{where}: {error}")
         if max(done, default=0) > args.rounds:
@@ -566,30 +578,30 @@ def set_determinism(deterministic):
     torch.backends.cudnn.benchmark = False
 
 
-def train_scheme(scheme, seed, args, train_sets, test_sets, transport, say, defense=None, observe=None,
-                 checkpoint=None):
-    """One scheme trained from the seed's initial weights under `defense`, `observe(round, models)` after each
-    round, from and to `checkpoint` (a path) if given: (result, its `Profile` or None)."""
+def train_scheme(scheme, seed, args, sites, transport, say, defense, observers):
+    """One scheme trained from the seed's initial weights, its split clients under `defense`, its run watched by
+    `observers` (and by the transport and a profile where the run has them): (result, its `Profile` or None)."""
     if transport:
         transport.begin(scheme)  # from here on: this party's busy time and peak memory for the scheme
     torch.manual_seed(seed)
     client_model, server_model = split_densenet121(args.cut)
-    image_shape = train_sets[0].images.shape[1:]
+    image_shape = sites[0][0].images.shape[1:]
     if args.label_private and scheme in SPLIT_SCHEMES:
         client_model, server_model = label_private(client_model, server_model)
     if args.costs_only:
         client_model, server_model = cost_only(client_model, server_model, image_shape)
     if transport:
         client_model, server_model = transport.parts(client_model, server_model, image_shape)
-    profile = Profile(args.device)
-    with profile.measure() if args.profile else contextlib.nullcontext():
-        result = SCHEMES[scheme](client_model, server_model, train_sets, test_sets, rounds=args.rounds,
-                                 batch_size=args.batch_size, lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn,
-                                 order=args.order, device=args.device, costs_only=args.costs_only,
-                                 channels_last=args.layout == "channels-last", transport=transport,
-                                 defense=defense if scheme in SPLIT_SCHEMES else None, observe=observe,
-                                 checkpoint=checkpoint, log=lambda line: say(line, flush=True))
-    return result, profile if args.profile else None
+    profile = Profile(args.device) if args.profile else None
+    observers = [transport] * bool(transport) + observers + [profile] * bool(profile)
+    with profile.measure() if profile else contextlib.nullcontext():
+        result = SCHEMES[scheme](client_model, server_model, *sites, rounds=args.rounds, batch_size=args.batch_size,
+                                 lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn, order=args.order,
+                                 device=args.device, costs_only=args.costs_only,
+                                 channels_last=args.layout == "channels-last", observers=observers,
+                                 defense=defense if scheme in SPLIT_SCHEMES else None,
+                                 log=lambda line: say(line, flush=True))
+    return result, profile
 
 
 def main(argv=None):
@@ -600,94 +612,32 @@ def main(argv=None):
     ends as one line on stderr, and, run from the command line, the exit status is then 1.
     """
     args, parser = parse_args(argv)
-    common.checkpoints.wait()  # (an interrupted run earlier in this process: its last checkpoint is written first)
+    checkpoints.writer.wait()  # (an interrupted run earlier in this process: its last checkpoint is written first)
     set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
         return launch_parties(sys.argv[1:] if argv is None else argv, args, parser)
-    transport = distributed.connect(args.timeout or 1800, args.device) if args.distributed else None
+    transport, sites = join(args, parser)
     rank = transport.rank if transport else 0
     say = print if rank == 0 else lambda *lines, **options: None
-    try:
-        train_sets, test_sets = transport.sites(lambda: load_own_site(args, rank - 1)) if transport else load_sites(args)
-    except (ValueError, OSError) as error:
-        if transport:
-            distributed.stop(rank, f"{distributed.party_name(rank)}: {error}")
-        parser.error(str(error))
-    if transport:
-        transport.timeout = args.timeout or distributed.schedule_timeout(args.cut, train_sets, test_sets)
-        if transport.restart:  # started again (torchrun --max-restarts, or ours): each party from its checkpoints
-            args.resume = args.save
-            say(f"restart {transport.restart}: " + (f"every party goes on from its checkpoints in {args.save}"
-                                                     if args.save else "no --save DIR, so every scheme starts again"))
-    refuse = (lambda message: transport.fail(f"server: {message}")) if transport else parser.error
-    finished = resumable(args, refuse, say, rank if transport else None) if args.resume and rank == 0 else {}
-    if transport and args.resume:  # the rows rank 0 keeps from results.json: the other parties skip them too
-        keys = [(scheme, seed, str(defense)) for seed, scheme, defense in jobs(args)]
-        kept = transport.share([float(key in finished) for key in keys])
-        finished = finished if rank == 0 else {(scheme, seed, defense): job_row(args, seed, scheme, defense)
-                                                      for (scheme, seed, defense), flag in zip(keys, kept) if flag}
+    finished = kept_rows(args, parser, transport, say)
     if args.save and rank == 0:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, "run.json"), "w") as file:
             json.dump(run_settings(args), file, indent=1)
-    say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(train_sets, test_sets))} "
-        f"(train+test images), {args.image_size}px, cut {args.cut}, device {args.device}"
+    say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(*sites))} (train+test images), "
+        f"{args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
     estimate = Estimate(len(jobs(args)) - len(finished), args.rounds,
                         say if not args.costs_only else lambda *lines, **options: None)
     for seed, scheme, defense in jobs(args):
-        row = job_row(args, seed, scheme, defense)
-        row_failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
-        checkpoint = None
-        if args.save:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`), or each party's own
-            checkpoint = os.path.join(report.save_folder(row, args), checkpoint_name(rank if transport else None))
-            if (scheme, seed, row["defense"]) in finished:
-                rows.append(finished[scheme, seed, row["defense"]])
-                row_say(f"finished before: kept from {args.save}", flush=True)
-                if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
-                    sweep = scheme, load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt"))
-                continue
-            for stale in (checkpoint, common.previous(checkpoint)) if not args.resume else ():
-                if os.path.exists(stale):
-                    os.remove(stale)  # a new run in an old folder starts afresh
-        observe = None
-        if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
-            observe = lambda round, models: what_the_server_sees(round, models, train_sets, args, defense,
-                                                                 row_failed, row_say)
-        progress = lambda line, **options: (say(line, **options), estimate.round_ended())
-        estimate.job_started()
-        try:
-            result, profile = train_scheme(scheme, seed, args, train_sets, test_sets, transport, progress, defense,
-                                           observe, checkpoint)
-        except distributed.PartyFailed as error:
-            distributed.stop(rank, str(error))
-        except Exception as error:  # one scheme failing never loses the rows already finished
-            if transport:  # ... but the other parties cannot go on without this one: all stop, with the cause
-                transport.fail(f"{distributed.party_name(rank)}: {scheme}: {one_line(error)}")
-            row["error"] = one_line(error)
-            say(f"{scheme} failed: {row['error']}", flush=True)
-        else:
-            models = result.pop("models")
-            row.update(result)
-            row["deploy_seconds"] = deployment_seconds(row, args.bandwidth, args.client_tflops, args.server_tflops,
-                                                       args.latency)
-            if args.costs_only:
-                row["seconds"] = None
-            if profile:
-                profiles.append(attempt("profile", lambda: profile.row(row), row_failed, row_say))
-            if args.save and rank == 0:
-                attempt("save", lambda: report.save_models(models, row, train_sets, args, args.label_private
-                                                           and scheme in SPLIT_SCHEMES), row_failed, row_say)
-            row["privacy"] = what_the_server_learns(scheme, row["history"], args)
-            if row_failed:
-                row["failed"] = row_failed
-            if args.cuts_sweep and sweep is None and scheme in SPLIT_SCHEMES + ("central",):
-                sweep = scheme, models[0]
+        row, profile, model = run_job(args, seed, scheme, defense, sites, transport, finished, say, estimate)
         rows.append(row)
-        estimate.job_ended()
+        profiles.append(profile)
+        if sweep is None and model is not None:
+            sweep = scheme, model
         report.add_ratios(rows)
         if rank == 0:
             attempt("writing the results", lambda: report.write_outputs(rows, args), failed, say)
@@ -695,6 +645,117 @@ def main(argv=None):
         transport.close()
         if rank != 0:
             return rows
+    print_tables(rows, args, transport)
+    if sweep:
+        sweep_cuts(*sweep, sites[0], args, failed, say)
+    if any(profiles):
+        print(f"\nwhere training time goes ({args.device}):")
+        print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
+    if args.plot:
+        attempt("plot", lambda: (report.plot_tradeoff if args.tradeoff else report.plot)(rows, args.plot), failed, say)
+        if "plot" not in failed:
+            print(f"plot: {args.plot}")
+    problems = report.failures(rows) + [f"{what} failed: {cause}" for what, cause in failed.items()]
+    for problem in problems:
+        print(f"bench.py: error: {problem}", file=sys.stderr, flush=True)
+    if problems and argv is None:
+        sys.exit(1)
+    return rows
+
+
+def join(args, parser):
+    """(transport, sites) of this process: no transport and every site in a simulation; under --distributed,
+    this party's transport (connected), its own site real and the others' shapes (`Transport.sites`)."""
+    transport = distributed.connect(args.timeout or 1800, args.device) if args.distributed else None
+    rank = transport.rank if transport else 0
+    try:
+        sites = transport.sites(lambda: load_own_site(args, rank - 1)) if transport else load_sites(args)
+    except (ValueError, OSError) as error:
+        if transport:
+            distributed.stop(rank, f"{distributed.party_name(rank)}: {error}")
+        parser.error(str(error))
+    if transport:
+        transport.wire.timeout = args.timeout or distributed.schedule_timeout(args.cut, *sites)
+        if transport.restart:  # started again (torchrun --max-restarts, or ours): each party from its checkpoints
+            args.resume = args.save
+            if rank == 0:
+                print(f"restart {transport.restart}: " + (f"every party goes on from its checkpoints in {args.save}"
+                                                          if args.save else "no --save DIR, so every scheme starts again"))
+    return transport, sites
+
+
+def kept_rows(args, parser, transport, say):
+    """--resume: the rows the run finished before, by (scheme, seed, defense), which are not trained again
+    (`resumable`); under a transport every party learns from rank 0 which they are."""
+    rank = transport.rank if transport else 0
+    refuse = (lambda message: transport.fail(f"server: {message}")) if transport else parser.error
+    finished = resumable(args, refuse, say, rank if transport else None) if args.resume and rank == 0 else {}
+    if transport and args.resume:  # the rows rank 0 keeps from results.json: the other parties skip them too
+        keys = [(scheme, seed, str(defense)) for seed, scheme, defense in jobs(args)]
+        kept = transport.share([float(key in finished) for key in keys])
+        finished = finished if rank == 0 else {(scheme, seed, defense): job_row(args, seed, scheme, defense)
+                                               for (scheme, seed, defense), flag in zip(keys, kept) if flag}
+    return finished
+
+
+def run_job(args, seed, scheme, defense, sites, transport, finished, say, estimate):
+    """One row of the table: `scheme` trained from `seed`'s weights under `defense` (or kept, if a resumed run
+    finished it), then measured and saved. Returns (row, its profile line or None, and for the cuts sweep site
+    0's deployed model, if the scheme is one that sweeps)."""
+    rank = transport.rank if transport else 0
+    row = job_row(args, seed, scheme, defense)
+    failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
+    sweeps = args.cuts_sweep and scheme in SPLIT_SCHEMES + ("central",)
+    if (scheme, seed, row["defense"]) in finished:
+        row_say(f"finished before: kept from {args.save}", flush=True)
+        return (finished[scheme, seed, row["defense"]], None,
+                load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt")) if sweeps else None)
+    observers = []
+    if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
+        observers.append(Privacy(sites[0], args, defense, failed, row_say))
+    if args.save:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`), or each party's own
+        observers.append(Checkpoint(fresh_checkpoint(row, args, rank if transport else None), transport))
+    progress = lambda line, **options: (say(line, **options), estimate.round_ended())
+    estimate.job_started()
+    try:
+        result, profile = train_scheme(scheme, seed, args, sites, transport, progress, defense, observers)
+    except distributed.PartyFailed as error:
+        distributed.stop(rank, str(error))
+    except Exception as error:  # one scheme failing never loses the rows already finished
+        if transport:  # ... but the other parties cannot go on without this one: all stop, with the cause
+            transport.fail(f"{distributed.party_name(rank)}: {scheme}: {one_line(error)}")
+        row["error"] = one_line(error)
+        say(f"{scheme} failed: {row['error']}", flush=True)
+        estimate.job_ended()
+        return row, None, None
+    models = result.pop("models")
+    row.update(result, deploy_seconds=deployment_seconds(result, args.bandwidth, args.client_tflops,
+                                                          args.server_tflops, args.latency))
+    if args.costs_only:
+        row["seconds"] = None
+    line = profile and attempt("profile", lambda: profile.row(row), failed, row_say)
+    if args.save and rank == 0:
+        attempt("save", lambda: report.save_models(models, row, sites[0], args, args.label_private
+                                                   and scheme in SPLIT_SCHEMES), failed, row_say)
+    row["privacy"] = what_the_server_learns(scheme, row["history"], args)
+    if failed:
+        row["failed"] = failed
+    estimate.job_ended()
+    return row, line, models[0] if sweeps else None
+
+
+def fresh_checkpoint(row, args, rank):
+    """Where a row's checkpoint goes under --save (`checkpoint_name`); a new run in an old folder (no --resume)
+    starts afresh, removing the checkpoints it finds there."""
+    path = os.path.join(report.save_folder(row, args), checkpoint_name(rank))
+    for stale in (path, checkpoints.previous(path)) if not args.resume else ():
+        if os.path.exists(stale):
+            os.remove(stale)
+    return path
+
+
+def print_tables(rows, args, transport):
+    """The results, the costs, and what the server can learn (with --attack, --label-private, --tradeoff)."""
     if not args.costs_only:
         print(f"\nAUROC: pooled over every site's test images, each site scored by the model it deploys (BatchNorm "
               f"statistics: {args.bn});\n[95% CI]: stratified bootstrap, 2000 resamples. wall s: training time.")
@@ -711,31 +772,19 @@ def main(argv=None):
         print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
               "the attacker site 1):")
         print(report.privacy_table(rows))
-    if sweep is not None:
-        scheme, (client_model, server_model) = sweep
-        print(f"\nthe server's view at every cut of {scheme}'s model (site 0's training images"
-              f"{'; the attacker: site 1' if args.attack else ''}):")
-        cuts = attempt("cuts sweep", lambda: privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size,
-                                                                attack=args.attack, steps=args.attack_steps),
-                       failed, say)
-        if cuts:
-            print(report.cuts_table(cuts))
-            if args.plot:
-                attempt("cuts plot", lambda: report.plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png"),
-                        failed, say)
-    if any(profiles):
-        print(f"\nwhere training time goes ({args.device}):")
-        print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
-    if args.plot:
-        attempt("plot", lambda: (report.plot_tradeoff if args.tradeoff else report.plot)(rows, args.plot), failed, say)
-        if "plot" not in failed:
-            print(f"plot: {args.plot}")
-    problems = report.failures(rows) + [f"{what} failed: {cause}" for what, cause in failed.items()]
-    for problem in problems:
-        print(f"bench.py: error: {problem}", file=sys.stderr, flush=True)
-    if problems and argv is None:
-        sys.exit(1)
-    return rows
+
+
+def sweep_cuts(scheme, model, train_sets, args, failed, say):
+    """--cuts-sweep: the server's view at every cut of one trained model (`privacy.cuts_sweep`), and its plot."""
+    client_model, server_model = model
+    print(f"\nthe server's view at every cut of {scheme}'s model (site 0's training images"
+          f"{'; the attacker: site 1' if args.attack else ''}):")
+    cuts = attempt("cuts sweep", lambda: privacy.cuts_sweep(client_model, server_model, train_sets, args.batch_size,
+                                                            attack=args.attack, steps=args.attack_steps), failed, say)
+    if cuts:
+        print(report.cuts_table(cuts))
+        if args.plot:
+            attempt("cuts plot", lambda: report.plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png"), failed, say)
 
 
 def launch_parties(argv, args, parser):

@@ -1,11 +1,12 @@
-"""DenseNet-121 split into a client part and a server part, and the counters every scheme uses.
+"""DenseNet-121 (torchvision) split into a client part and a server part at a named cut.
 
 `split_model(model, cut)` cuts a torchvision DenseNet after a named child of `model.features`; the two
 parts share the model's layers, and `server_model(client_model(x))` is `model(x)` bit for bit.
-`nbytes` counts what a transfer weighs and `training_flops` what a training step costs, from torch's own
-FLOP counter, so the schemes can count both explicitly at the line where they happen.
+`split_densenet121` builds the model (grayscale, one logit, local weights) and splits it; `label_private`
+moves the classifier head to the client; `merge` joins two trained parts again to cut them elsewhere;
+`load_site_model` loads a deployed model that `bench.py --save` wrote. What a part costs (bytes, FLOPs,
+shapes) is counted in `common.py`, which knows nothing of DenseNet.
 """
-import copy
 import json
 import os
 import re
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from common import LabelPrivateClient, is_label_private, joined
 
 CUTS = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2",
         "denseblock3", "transition3", "denseblock4", "norm5")
@@ -58,45 +60,12 @@ def split_model(model, cut):
     return client_model, server_model
 
 
-class LabelPrivateClient(nn.Sequential):
-    """The client part of a label-private (U-shaped) split: the layers up to the cut, run by `forward`, and
-    the classifier `head`, which the client runs on the pooled features the server sends back."""
-
-    def forward(self, images):
-        for name, layer in self.named_children():
-            if name != "head":
-                images = layer(images)
-        return images
-
-    @property
-    def body(self):
-        """The layers up to the cut, without the head, as one module (sharing them)."""
-        return nn.Sequential(OrderedDict((name, layer) for name, layer in self.named_children() if name != "head"))
-
-
-class LabelPrivateModel(nn.Sequential):
-    """A deployed label-private model, (client part, server part): images to logits."""
-
-    def forward(self, images):
-        client_model, server_model = self
-        return client_model.head(server_model(client_model(images)))
-
-
 def label_private(client_model, server_model):
     """(client, server) parts of a label-private (U-shaped) split, sharing the given parts' layers: the
     classifier head moves to the client, so the server's part ends with the pooled features and the labels
     and the loss never leave the client."""
     client = LabelPrivateClient(OrderedDict([*client_model.named_children(), ("head", server_model.classifier)]))
     return client, ServerModel(server_model.features, nn.Identity())
-
-
-def is_label_private(client_model):
-    return isinstance(client_model, LabelPrivateClient)
-
-
-def joined(client_model, server_model):
-    """The model a site deploys from its client part and a server part: images to logits."""
-    return (LabelPrivateModel if is_label_private(client_model) else nn.Sequential)(client_model, server_model)
 
 
 def merge(client_model, server_model):
@@ -180,37 +149,6 @@ def load_site_model(path):
     return model
 
 
-def nbytes(obj):
-    """Bytes of what travels: a tensor, several tensors, a state dict, an optimizer's state (nested)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(nbytes(value) for value in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes(value) for value in obj)
-    return 0
-
-
-_flops_cache = {}
-
-
-def training_flops(module, input_shape, input_grad=False):
-    """FLOPs of one forward + backward pass per sample, for inputs of shape (C, H, W).
-
-    Counted by `torch.utils.flop_counter.FlopCounterMode` on a weightless copy (meta device, stand-ins
-    replaced by what they stand in for), once per architecture and shape. `input_grad`: the backward also computes the gradient of the input (a server
-    part does, to send it back).
-    """
-    key = (str(module), tuple(input_shape), input_grad)
-    if key not in _flops_cache:
-        meta = unwrap(copy.deepcopy(module).to("meta")).eval()
-        x = torch.empty(1, *input_shape, device="meta", requires_grad=input_grad)
-        with FlopCounterMode(display=False) as counter:
-            meta(x).sum().backward()
-        _flops_cache[key] = counter.get_total_flops()
-    return _flops_cache[key]
-
-
 def activation_shape(cut, image_size, in_channels=1):
     """(C, H, W) of the activations sent at `cut` for square images of `image_size` pixels.
 
@@ -225,115 +163,3 @@ def activation_shape(cut, image_size, in_channels=1):
     if out is None or min(out.shape[2:]) < 1:
         raise ValueError(f"image size {image_size} is too small for DenseNet-121 at cut {cut!r}")
     return tuple(out.shape[1:])
-
-
-def split_flops(client_model, server_model, image_shape):
-    """Training FLOPs per sample of (client part, server part) for images of shape (C, H, W); a label-private
-    client part counts its head too."""
-    activation_shape = output_shape(client_model, image_shape)
-    client, server = (training_flops(client_model, image_shape),
-                      training_flops(server_model, activation_shape, input_grad=True))
-    if is_label_private(client_model):
-        client += training_flops(client_model.head, output_shape(server_model, activation_shape), input_grad=True)
-    return client, server
-
-
-_shape_cache = {}
-
-
-def output_shape(module, input_shape):
-    """Shape of one sample's output for inputs of shape `input_shape`, on a weightless (meta) copy, once per
-    architecture and shape."""
-    key = (str(module), tuple(input_shape))
-    if key not in _shape_cache:
-        with torch.no_grad():
-            meta = copy.deepcopy(module).to("meta").eval()
-            _shape_cache[key] = tuple(meta(torch.empty(2, *input_shape, device="meta")).shape[1:])
-    return _shape_cache[key]
-
-
-class _ShapeOnly(torch.autograd.Function):
-    """Forward: an output of the right shape on the meta device (no data, no arithmetic). Backward: a meta
-    gradient for the input, none for the weights, so no gradient tensor is allocated and no optimizer step
-    has anything to do."""
-
-    @staticmethod
-    def forward(ctx, x, output_shape, dtype, *weights):
-        ctx.input_shape, ctx.input_dtype, ctx.num_weights = x.shape, x.dtype, len(weights)
-        return torch.empty(len(x), *output_shape, dtype=dtype, device="meta")
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_input = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, device="meta") if ctx.needs_input_grad[0] else None
-        return (grad_input, None, None) + (None,) * ctx.num_weights
-
-
-class StandIn(nn.Module):
-    """A model part that computes only where its work happens, and otherwise just has the right shapes.
-
-    Given real inputs and real weights it is the part itself. Given an input on the meta device (data that
-    is elsewhere) or holding meta weights (a part that is elsewhere), it returns a meta output of the real
-    output's shape and dtype, and a meta gradient for its input: the loop around it runs, and counts, as in
-    training, with no arithmetic. `bench.py --costs-only` runs every scheme with meta stand-ins on meta
-    data (`cost_only`); the state dicts and optimizer state of meta weights weigh what real ones weigh.
-    A stand-in with meta weights stays on the meta device when the model is moved.
-    """
-
-    def __init__(self, part, input_shape):
-        super().__init__()
-        self.part = part
-        self.output_shape = output_shape(part, input_shape)
-
-    @property
-    def is_meta(self):
-        return next(self.part.parameters()).is_meta
-
-    def _apply(self, fn, recurse=True):
-        return self if self.is_meta else super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        """A state dict of meta tensors is the state of a copy that lives elsewhere: a real stand-in keeps
-        its own (in a distributed run, the copy of another site's part in a client's process)."""
-        if not self.is_meta:
-            own = self.state_dict(prefix=prefix, keep_vars=True)
-            for key, value in list(state_dict.items()):
-                if value.is_meta and key in own:
-                    state_dict[key] = own[key].detach()
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def forward(self, x):
-        if not (x.is_meta or self.is_meta):
-            return self.part(x)
-        dtype = next((torch.get_autocast_dtype(kind) for kind in ("cuda", "cpu") if torch.is_autocast_enabled(kind)),
-                     x.dtype)
-        return _ShapeOnly.apply(x, self.output_shape, dtype, next(self.part.parameters()))
-
-
-def meta_copy(module):
-    """A copy of `module` whose weights and buffers are on the meta device (same shapes, dtypes and strides),
-    made without copying any data: what a process holds of a model copy that lives at another party."""
-    memo = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(module, memo)
-
-
-def unwrap(module):
-    """`module` with every `StandIn` replaced by the part it stands in for (in place)."""
-    if isinstance(module, StandIn):
-        return unwrap(module.part)
-    for name, child in module.named_children():
-        setattr(module, name, unwrap(child))
-    return module
-
-
-def cost_only(client_model, server_model, image_shape):
-    """(client, server) stand-ins on the meta device: they count like the real parts at no arithmetic cost.
-    (A label-private client part: its layers and its head, each a stand-in.)"""
-    client = StandIn(client_model.to("meta"), image_shape)
-    server = StandIn(server_model.to("meta"), client.output_shape)
-    if is_label_private(client_model):
-        client = LabelPrivateClient(OrderedDict(layers=StandIn(client_model.body, image_shape),
-                                                head=StandIn(client_model.head, server.output_shape)))
-    return client, server

@@ -2,15 +2,15 @@
 
     python bench.py --distributed                   # every party on this machine, over loopback
     torchrun --nnodes 4 --node-rank R --nproc-per-node 1 --master-addr SERVER --master-port 29500 \\
-        bench.py --distributed --data /my/site      # one party per machine (README: several machines)
+        bench.py --distributed --data /my/site      # one party per machine (docs/distributed.md)
 
 Rank 0 is the server and the aggregator (one process, two parties: no link runs between them) and hosts the
 rendezvous store; rank k + 1 is client site k. Every process runs the same scheme loop, from the unchanged
-scheme files, over the same deterministic schedule, with a `Transport` in its run: at each
+scheme files, over the same deterministic schedule, with a `Transport` among its run's observers: at each
 `run.send(source, destination, ...)` the source's process sends what the ledger counts and the
 destination's receives it, so sends and receives pair up by construction. The model parts and copies a
 process does not hold (`Run.copies`), and the images of other sites, are meta-device stand-ins
-(`densenet_split.StandIn`): the loop passes over them at no cost, and each process computes only its own
+(`common.StandIn`): the loop passes over them at no cost, and each process computes only its own
 party's work, so clients that the schedule does not make wait for each other work at once. Each party
 measures its busy time (its training time not spent waiting for a peer) and its peak memory.
 
@@ -18,14 +18,15 @@ On the wire (gloo, point-to-point, no pickle): per transfer a length, a header (
 strides, offset) and one payload of the tensors' bytes in their own memory order, so the receiver rebuilds
 them bit for bit, channels-last included. The payload bytes are the ledger's bytes (`wire_bytes`).
 
-Evaluation (each round) is measurement, not part of the schemes' costs, and goes apart (`eval_bytes`): each
-client runs the client side of its deployed model on its images and the server the server side (for
-FedAvg the client holds all of it and sends its scores; for centralized training the server does, and the
-client sends its images); the BatchNorm statistics pass of bn="local" goes the same way over the training
-images; the loss of each round is summed at rank 0 and sent back, so that all processes stop together
-on a NaN. A party that dies or hangs stops every process within a minute with one line naming it.
+Evaluation (each round) is measurement, not part of the schemes' costs, and goes apart (`eval_bytes`): the
+run deploys and scores in one place (`Run.deploy`, `Run.end_round`), sending what crosses between the two
+sides of each deployed model as evaluation traffic: each client runs the client side of its deployed model
+on its images and the server the server side (for FedAvg the client holds all of it and sends its scores;
+for centralized training the server does, and the client sends its images); the BatchNorm statistics pass
+of bn="local" goes the same way over the training images; the loss of each round is summed at rank 0 and
+sent back (`Transport.summed`), so that all processes stop together on a NaN. A party that dies or hangs stops every process within a minute with one line naming it.
 
-With --save DIR each party writes its own checkpoint after every round (`Run.restore`); started again (by
+With --save DIR each party writes its own checkpoint after every round (`checkpoints.Checkpoint`); started again (by
 torchrun --max-restarts, or `launch`'s own restarts, both counted in TORCHELASTIC_RESTART_COUNT), the parties
 agree on the last round all of them have one of (`Transport.agree`) and go on from it.
 """
@@ -48,8 +49,9 @@ import torch.distributed as dist
 from torch import nn
 
 import data
-from common import LINKS, batchnorm_statistics, checkpoints, leaves, one_line, party_kind, tree_map
-from densenet_split import StandIn, split_densenet121, training_flops, unwrap
+from checkpoints import writer
+from common import LINKS, Observer, StandIn, leaves, one_line, training_flops, tree_map, unwrap, whole
+from densenet_split import split_densenet121
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
           torch.bool)
@@ -88,45 +90,17 @@ def memory_order(tensor):
     return permuted.reshape(-1), tensor.stride()
 
 
-class Transport:
-    """Point-to-point transfers between the parties of a distributed run, and its evaluation protocol."""
+class Wire:
+    """Point-to-point messages between this process and its peers (gloo, no pickle): per transfer a length, a
+    header (per tensor: dtype, shape, strides, offset) and one payload of the tensors' bytes in their own memory
+    order, so that the receiver rebuilds them bit for bit. It notes how long this process waits for a peer."""
 
-    def __init__(self, rank, world_size, store, timeout, device):
-        self.rank, self.world_size, self.store, self.timeout = rank, world_size, store, timeout
-        self.device = torch.device(device)
-        self.scheme, self.last_client, self.num_finished = None, 0, 0
-        self.restart = 0  # how many times the parties were started again (torchrun's restart count)
-        self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
-        self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
-        self.waits, self.busy = [], []  # (start, end) on the monotonic clock: waiting for a peer; working
+    def __init__(self, rank, store, timeout, device):
+        self.rank, self.store, self.timeout, self.device = rank, store, timeout, device
+        self.waits = []  # (start, end) on the monotonic clock: waiting for a peer
         self.in_flight = []  # sends not yet complete: (peer, messages, their works)
-        self.epoch = time.time() - time.perf_counter()  # monotonic to wall-clock time, to compare parties
 
-    def begin(self, scheme):
-        """A scheme starts: note it, and start measuring this party's busy time and peak memory afresh."""
-        self.scheme, self.waits, self.busy = scheme, [], []
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as file:
-            file.write("5")  # Linux: the peak resident memory starts again from what is resident now
-        self.start_memory = resident_memory("VmRSS")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def busy_between(self, start, end):
-        """The run's clock ran from `start` to `end` (a round's training): this party was busy then, except
-        while it waited for a peer."""
-        at = start
-        for wait_start, wait_end in self.waits:
-            if start < wait_end and wait_start < end:
-                if wait_start > at:
-                    self.busy.append((at, wait_start))
-                at = max(at, wait_end)
-        if end > at:
-            self.busy.append((at, end))
-        self.waits = []
-
-    # The wire
-
-    def _fail(self, peer, error):
+    def fail(self, peer, error):
         """Name the party that failed first (another process may have noted it in the store) and stop."""
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         message = f"{party_name(peer)} failed ({reason})"
@@ -137,7 +111,8 @@ class Transport:
                 self.store.set("failed", message)
         raise PartyFailed(message)
 
-    def _send(self, peer, tensors):
+    def send(self, peer, tensors):
+        """Send `tensors` to `peer` without waiting for them to arrive; returns the payload's bytes."""
         flats = [memory_order(t.detach()) for t in tensors]
         by_size = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())  # aligned offsets
         offsets, offset = [0] * len(tensors), 0
@@ -152,7 +127,7 @@ class Transport:
         try:
             self.in_flight.append((peer, messages, [dist.isend(message, peer) for message in messages]))
         except Exception as error:
-            self._fail(peer, error)
+            self.fail(peer, error)
         self.settle(wait=False)
         return len(payload)
 
@@ -160,7 +135,7 @@ class Transport:
         """Complete this process's sends in flight (wait=True), or let go of those already done. A party does
         not wait for what it sends to arrive, only for what it receives: a server streams one client's
         gradients while it serves the next, each on its own line. Every round's sends settle before the
-        round's clock stops (`Run.end_round`)."""
+        round's clock stops (`Transport.round_ending`)."""
         started, unsettled = time.perf_counter(), []
         for peer, messages, works in self.in_flight:
             try:
@@ -170,7 +145,7 @@ class Transport:
                 elif not all(work.is_completed() for work in works):
                     unsettled.append((peer, messages, works))
             except Exception as error:
-                self._fail(peer, error)
+                self.fail(peer, error)
         self.in_flight = unsettled
         if wait:
             self.waits.append((started, time.perf_counter()))
@@ -181,7 +156,7 @@ class Transport:
         self.waits.append((started, time.perf_counter()))
         return buffer
 
-    def _receive(self, peer, given):
+    def receive(self, peer, given):
         """Receive tensors shaped like `given`: into them where they are real, into new ones where not."""
         try:
             length = self._recv(torch.empty(1, dtype=torch.int64), peer)
@@ -200,7 +175,7 @@ class Transport:
         except PartyFailed:
             raise
         except Exception as error:
-            self._fail(peer, error)
+            self.fail(peer, error)
         received = []
         for target, (dtype, shape, stride, start) in zip(given, entries):
             if tuple(shape) != tuple(target.shape) or dtype != target.dtype:
@@ -216,29 +191,116 @@ class Transport:
                 received.append(target)
         return received
 
-    def send(self, source, destination, link, objects):
-        """`Run.send` over the wire; `link` None for evaluation traffic (not in the ledger)."""
-        if link == "client->server":
-            self.last_client = source  # in split learning, the client that holds the client part now
+
+class Transport(Observer):
+    """Makes a run's sends real between the parties of a distributed run, one process each (`Wire`), and sums
+    what every process counted; the schedule is the scheme loop's, the same in every process."""
+
+    def __init__(self, rank, world_size, store, timeout, device):
+        self.rank, self.world_size, self.store = rank, world_size, store
+        self.device = torch.device(device)
+        self.wire = Wire(rank, store, timeout, self.device)
+        self.scheme, self.num_finished = None, 0
+        self.restart = 0  # how many times the parties were started again (torchrun's restart count)
+        self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
+        self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
+        self.busy, self.round_start = [], None  # (start, end) on the monotonic clock: this party working
+        self.epoch = time.time() - time.perf_counter()  # monotonic to wall-clock time, to compare parties
+
+    def begin(self, scheme):
+        """A scheme starts: note it, and start measuring this party's busy time and peak memory afresh."""
+        self.scheme, self.wire.waits, self.busy = scheme, [], []
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # Linux: the peak resident memory starts again from what is resident now
+        self.start_memory = resident_memory("VmRSS")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # The run's observer
+
+    def holds(self, party):
+        """Whether this process is `party` (rank 0 is the server and the aggregator)."""
+        return rank_of(party) == self.rank
+
+    def sent(self, run, source, destination, link, objects):
+        return self.transfer(source, destination, link, objects)
+
+    def summed(self, run, values):
+        total = self._gather([float(value) for value in values])
+        return self.share(total if self.rank == 0 else [0.0] * len(values))
+
+    def round_started(self, run):
+        self.round_start = time.perf_counter()
+
+    def round_ending(self, run):
+        """The round ends when what it sent has arrived; this party was busy during it, except while it waited."""
+        self.wire.settle()
+        end, at = time.perf_counter(), self.round_start
+        for wait_start, wait_end in self.wire.waits:
+            if self.round_start < wait_end and wait_start < end:
+                if wait_start > at:
+                    self.busy.append((at, wait_start))
+                at = max(at, wait_end)
+        if end > at:
+            self.busy.append((at, end))
+        self.wire.waits = []
+
+    def finished(self, run, result):
+        """At the end of a scheme: rank 0 gets each site's deployed model, whole and real (the client sides come
+        from the clients), the bytes every process sent and what each party measured of itself."""
+        models = []
+        for site, (client_side, server_side) in enumerate(run.deployed_sides):
+            if client_side is not None:
+                if self.rank == 0:
+                    client_side = unwrap(copy.deepcopy(client_side).to("meta")).to_empty(device=run.device)
+                state = self.transfer(site, "server", None, client_side.state_dict())
+                if self.rank == 0:
+                    client_side.load_state_dict(state)
+            if self.rank == 0:
+                models.append(whole(client_side, None if server_side is None else unwrap(server_side)))
+        self.wire.settle()
+        result.update(self.measured(), models=models)
+
+    def transfer(self, source, destination, link, objects):
+        """`objects` from `source` to `destination` (`link` None: evaluation traffic, not in the ledger), as the
+        destination holds them: received into the given tensors where they are real (a state dict lands in its
+        model), into new ones where they are placeholders; every other process gets placeholders."""
         source, destination = rank_of(source), rank_of(destination)
         if source == destination:  # the server and the aggregator share rank 0
             return objects
         if self.rank == source:
-            sent = self._send(destination, leaves(objects))
+            sent = self.wire.send(destination, leaves(objects))
             if link is None:
                 self.eval_bytes += sent
             else:
                 self.wire_bytes[link] += sent
         elif self.rank == destination:
-            received = iter(self._receive(source, leaves(objects)))
+            received = iter(self.wire.receive(source, leaves(objects)))
             return tree_map(lambda _: next(received), objects)
         return tree_map(placeholder, objects)
 
-    # What a process holds
+    def measured(self):
+        """Rank 0: the bytes every process sent, and each party's busy time and memory (through the store)."""
+        key = f"party/{self.num_finished}/{{}}"
+        self.num_finished += 1
+        self.store.set(key.format(self.rank), json.dumps(dict(
+            busy=[(start + self.epoch, end + self.epoch) for start, end in self.busy],
+            peak_memory=max(resident_memory(), self.start_memory),  # (Linux updates its peak lazily: never below)
+            start_memory=self.start_memory,
+            peak_gpu_memory=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)))
+        wire = self._gather([self.wire_bytes[link] for link in LINKS] + [self.eval_bytes])
+        self.wire_bytes, self.eval_bytes = dict.fromkeys(LINKS, 0), 0
+        if self.rank != 0:
+            return {}
+        parties = {party_name(rank): json.loads(self.store.get(key.format(rank))) for rank in range(self.world_size)}
+        busy = {party: measured.pop("busy") for party, measured in parties.items()}
+        return dict(wire_bytes=dict(zip(LINKS, map(int, wire[:-1]))), eval_bytes=int(wire[-1]),
+                    busy_seconds={party: sum(end - start for start, end in spans) for party, spans in busy.items()},
+                    overlap_seconds=overlap(list(busy.values())),
+                    **{what: {party: measured[what] for party, measured in parties.items()}
+                       for what in ("start_memory", "peak_memory", "peak_gpu_memory") if parties["server"][what] is not None})
 
-    def holds(self, party):
-        """Whether this process is `party` (rank 0 is the server and the aggregator)."""
-        return rank_of(party) == self.rank
+    # What a process holds
 
     def parts(self, client_model, server_model, image_shape):
         """The scheme's two model parts as this process holds them: its own real, the others' meta stand-ins."""
@@ -249,25 +311,16 @@ class Transport:
         server = StandIn(server_model if server_here else server_model.to("meta"), client.output_shape)
         return client, server
 
-    def halves(self, model):
-        """(client side, server side) of a deployed model, as the scheme's placement splits it."""
-        where = placement(self.scheme)
-        if where == "client":
-            return model, nn.Identity()
-        if where == "server":
-            return nn.Identity(), model
-        return model[0], model[1]
-
-    # Evaluation, at the end of every round
+    # Sums, agreement and checkpoints across the processes
 
     def _gather(self, values):
         """Rank 0 gets every process's float64 `values` (a list), summed; the others get None."""
         values = torch.tensor(values, dtype=torch.float64)
         for rank in range(1, self.world_size):
             if self.rank == rank:
-                self._send(0, [values])
+                self.wire.send(0, [values])
             elif self.rank == 0:
-                values += self._receive(rank, [torch.zeros_like(values)])[0]
+                values += self.wire.receive(rank, [torch.zeros_like(values)])[0]
         return values.tolist() if self.rank == 0 else None
 
     def share(self, values):
@@ -275,9 +328,9 @@ class Transport:
         values = torch.tensor(values if self.rank == 0 else [0.0] * len(values), dtype=torch.float64)
         for rank in range(1, self.world_size):
             if self.rank == 0:
-                self._send(rank, [values])
+                self.wire.send(rank, [values])
             elif self.rank == rank:
-                values = self._receive(0, [values])[0]
+                values = self.wire.receive(0, [values])[0]
         return values.tolist()
 
     def agree(self, found, rounds):
@@ -288,98 +341,14 @@ class Transport:
         return int(self.share([agreed])[0])
 
     def state_dict(self):
-        """What a checkpoint keeps of this party's transport: the bytes it sent, its busy time (on the wall
-        clock, which outlives the process) and, in split learning, the client that holds the client part."""
-        return dict(wire_bytes=self.wire_bytes, eval_bytes=self.eval_bytes, last_client=self.last_client,
+        """What a checkpoint keeps of this party's transport: the bytes it sent and its busy time (on the wall
+        clock, which outlives the process)."""
+        return dict(wire_bytes=self.wire_bytes, eval_bytes=self.eval_bytes,
                     busy=[[start + self.epoch, end + self.epoch] for start, end in self.busy])
 
     def load_state_dict(self, state):
-        self.wire_bytes, self.eval_bytes, self.last_client = dict(state["wire_bytes"]), state["eval_bytes"], state["last_client"]
+        self.wire_bytes, self.eval_bytes = dict(state["wire_bytes"]), state["eval_bytes"]
         self.busy = [(start - self.epoch, end - self.epoch) for start, end in state["busy"]] + self.busy
-
-    def round_loss(self, run):
-        """The round's mean training loss, the same number in every process."""
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-        total = self._gather([float(run._loss_sum), run._num_losses])
-        return self.share([total[0] / max(total[1], 1) if self.rank == 0 else 0.0])[0]
-
-    @torch.no_grad()
-    def deploy_and_score(self, run, models):
-        """`Run.deploy` and `Run.score` across the processes: the deployed halves (real where they live),
-        and at rank 0 the scores and labels of every site's test set."""
-        deployed, scores, labels = [], [], []
-        # Split learning's one client part is, in the simulation, the same object at every site; here each
-        # client holds a copy, up to date at the client that trained last, which sends it to the others.
-        shared = len(models) > 1 and all(self.halves(model)[0] is self.halves(models[0])[0] for model in models)
-        for site, model in enumerate(models):
-            client_side, server_side = self.halves(model)
-            if run.cfg["bn"] == "local":
-                client_side, server_side = run.deploy_copy((site, 0), client_side), run.deploy_copy((site, 1), server_side)
-            if shared and site != self.last_client:
-                self.send(self.last_client, site, None, client_side.state_dict())
-            if run.cfg["bn"] == "local":
-                with batchnorm_statistics(client_side, server_side):
-                    for images, _ in run.batches(run.train_sets[site], site, 0, shuffle=False):
-                        with run.autocast():
-                            outputs = self.send(site, "server", None, client_side(images))
-                            server_side(outputs)
-            training = client_side.training, server_side.training
-            client_side.eval(), server_side.eval()
-            site_scores, site_labels = [], []
-            for images, targets in run.batches(run.test_sets[site], 0, 0, shuffle=False):
-                with run.autocast():
-                    outputs, targets = self.send(site, "server", None, (client_side(images), targets))
-                    logits = server_side(outputs)
-                if self.rank == 0:
-                    site_scores.append(logits.float().squeeze(1).cpu())
-                    site_labels.append(targets.cpu())
-            client_side.train(training[0]), server_side.train(training[1])
-            if self.rank == 0:
-                scores.append(torch.cat(site_scores))
-                labels.append(torch.cat(site_labels))
-            deployed.append((client_side, server_side))
-        return deployed, (scores, labels) if self.rank == 0 else None
-
-    def finish(self, run, deployed):
-        """At the end of a scheme: rank 0 gets each site's deployed model, whole and real (the client sides
-        come from the clients), and the bytes every process sent; the others get nothing."""
-        models = []
-        for site, halves in enumerate(deployed):
-            client_side, server_side = halves if isinstance(halves, tuple) else self.halves(halves)
-            if self.rank == 0 and not isinstance(client_side, nn.Identity):
-                client_side = unwrap(copy.deepcopy(client_side).to("meta")).to_empty(device=run.device)
-            state = self.send(site, "server", None, client_side.state_dict())
-            if self.rank == 0:
-                client_side.load_state_dict(state)
-                models.append(self._whole(client_side, unwrap(server_side)))
-        self.settle()
-        key = f"party/{self.num_finished}/{{}}"  # what each party measured of itself, through the store
-        self.num_finished += 1
-        self.store.set(key.format(self.rank), json.dumps(dict(
-            busy=[(start + self.epoch, end + self.epoch) for start, end in self.busy], peak_memory=resident_memory(),
-            start_memory=self.start_memory,
-            peak_gpu_memory=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)))
-        wire = self._gather([self.wire_bytes[link] for link in LINKS] + [self.eval_bytes])
-        self.wire_bytes, self.eval_bytes = dict.fromkeys(LINKS, 0), 0
-        if self.rank != 0:
-            return dict(models=[])
-        parties = {party_name(rank): json.loads(self.store.get(key.format(rank))) for rank in range(self.world_size)}
-        busy = {party: measured.pop("busy") for party, measured in parties.items()}
-        return dict(models=models, wire_bytes=dict(zip(LINKS, map(int, wire[:-1]))), eval_bytes=int(wire[-1]),
-                    busy_seconds={party: sum(end - start for start, end in spans) for party, spans in busy.items()},
-                    overlap_seconds=overlap(list(busy.values())),
-                    **{what: {party: measured[what] for party, measured in parties.items()}
-                       for what in ("start_memory", "peak_memory", "peak_gpu_memory") if parties["server"][what] is not None})
-
-    def _whole(self, client_side, server_side):
-        """The deployed model as the simulation returns it."""
-        where = placement(self.scheme)
-        if where == "client":
-            return client_side
-        if where == "server":
-            return server_side
-        return nn.Sequential(client_side, server_side)
 
     # Setup
 
@@ -390,9 +359,9 @@ class Transport:
         table = [0.0] * 5 * (self.world_size - 1)  # per site: training images, test images, image shape
         for rank in range(1, self.world_size):
             if self.rank == rank:
-                self._send(0, [torch.tensor([len(own[0]), len(own[1]), *own[0].images.shape[1:]])])
+                self.wire.send(0, [torch.tensor([len(own[0]), len(own[1]), *own[0].images.shape[1:]])])
             elif self.rank == 0:
-                table[5 * rank - 5:5 * rank] = self._receive(rank, [torch.zeros(5, dtype=torch.int64)])[0].tolist()
+                table[5 * rank - 5:5 * rank] = self.wire.receive(rank, [torch.zeros(5, dtype=torch.int64)])[0].tolist()
         table = self.share(table)
         train_sets, test_sets = [], []
         for site in range(self.world_size - 1):
@@ -415,7 +384,7 @@ class Transport:
 
     def close(self):
         """The end of a clean run: stop watching, and let rank 0 (the store's host) go last."""
-        self.settle()
+        self.wire.settle()
         self.watchdog.stop()
         self.store.set(f"done/{self.rank}", "1")
         dist.barrier()
@@ -471,7 +440,7 @@ def stop(rank, message):
         threading.Event().wait()  # the other thread is already on its way out
     _stopper.append(threading.get_ident())
     print(f"bench.py: error: {message}", file=sys.stderr, flush=True)
-    checkpoints.wait()  # a checkpoint being written is whole on the disk first: a restart can go on from it
+    writer.wait()  # a checkpoint being written is whole on the disk first: a restart can go on from it
     if rank == 0:
         time.sleep(3 * HEARTBEAT_SECONDS)
     os._exit(1)

@@ -3,13 +3,11 @@
 centralized: every site uploads its images once; one model trains on the pool at the server.
 FedAvg: each round every client trains the global model for one local epoch on its own images and uploads
 its weights; the aggregator averages them, weighted by number of examples, and sends the average back.
-To reuse: copy this file with common.py and densenet_split.py.
+To reuse: copy this file with common.py.
 """
 import torch
 
-from common import Run, tensors
-from data import Site
-from densenet_split import training_flops
+from common import Run, tensors, training_flops
 
 
 def fedavg(state_dicts, num_examples):
@@ -63,12 +61,12 @@ def centralized(model, train_sets, test_sets, **cfg):
     flops_per_sample = training_flops(model, run.image_shape)
     uploads = [run.send(site, "server", *tensors(train_set)) for site, train_set in enumerate(train_sets)]
     images, labels = zip(*uploads)  # the raw images and their labels, uploaded once
-    pool = Site(torch.cat(images), torch.cat(labels), "pool")
-    run.restore(model, optimizer)  # from the last checkpoint, if the run has one
-    for round in run.rounds_to_go():
+    pool = torch.cat(images), torch.cat(labels)
+    at_the_server = [model] * len(test_sets)  # every site's images go to the one model
+    for round in run.rounds(model, optimizer):
         local_epoch(run, model, optimizer, pool, 0, round, "server", flops_per_sample)
-        run.end_round(round, [model] * len(test_sets))
-    return run.result([model] * len(test_sets))
+        run.end_round(run.deploy(server_sides=at_the_server))  # with BatchNorm statistics of each site's own
+    return run.result(run.deploy(server_sides=at_the_server))  # the last round's (deploy is not done again)
 
 
 def train(model, train_sets, test_sets, **cfg):
@@ -79,10 +77,9 @@ def train(model, train_sets, test_sets, **cfg):
     optimizers = [run.optimizer(m) for m in client_models]  # each client's own Adam, kept across rounds
     num_examples = [len(s) for s in train_sets]
     flops_per_sample = training_flops(model, run.image_shape)
-    run.restore(*client_models, *optimizers)  # from the last checkpoint, if the run has one
-    for round in run.rounds_to_go():
+    for round in run.rounds(*client_models, *optimizers):
         for site, (client_model, optimizer, dataset) in enumerate(zip(client_models, optimizers, train_sets)):
             local_epoch(run, client_model, optimizer, dataset, site, round, "client", flops_per_sample)
         average_models(run, client_models, num_examples)
-        run.end_round(round, client_models)
-    return run.result(client_models)
+        run.end_round(run.deploy(client_models))  # each site its copy, with BatchNorm statistics of its own
+    return run.result(run.deploy(client_models))  # the last round's (deploy is not done again)

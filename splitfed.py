@@ -1,50 +1,64 @@
-"""SplitFed: split learning plus federated averaging.
+"""SplitFed: split learning plus federated averaging (v1 and v2: Thapa et al., AAAI 2022; v3: Gawali et al. 2021).
 
-v1: every client trains its own copy of the client part, the server one copy of the server part per client,
-    all in parallel; after each round the aggregator averages the client parts and the server its copies.
-    The server serves its clients a mini-batch each, round and round: since each client has its own server
-    copy, the order cannot change the result, and with real processes every client works while the server
-    serves the others.
-v2: client parts per client, averaged after each round; one server part, trained on the clients' activations
-    in alternate client turns (or alternate mini-batch turns).
-v3: like v1, but the client parts are never averaged: each site keeps its own.
-To reuse: copy this file with splitlearn.py, fedlearn.py, data.py, common.py and densenet_split.py.
+Every client trains its own copy of the client part through the server, one split step at a time
+(`splitlearn.split_step`); after each round some copies are averaged (`fedlearn.average_models`). The three
+versions differ only in the number of server parts and in what is averaged (`VERSIONS`):
+
+    version  server parts                             client parts, each round    server parts, each round
+    1        one per client, the clients in parallel  averaged by the aggregator  averaged by the server
+    2        one, trained in the clients' turns       averaged by the aggregator  (one: nothing to average)
+    3        one per client, the clients in parallel  each site keeps its own     averaged by the server
+
+With a server part per client the server serves its clients a mini-batch each, round and round: the order
+cannot change the result, and with real processes every client works while the server serves the others.
+v2's clients take turns on its one server part, an epoch each (turns="client") or a mini-batch each
+(turns="batch"), in the run's order.
+To reuse: copy this file with splitlearn.py, fedlearn.py and common.py.
 """
-from common import Run
-from densenet_split import joined, split_flops
+from typing import NamedTuple
+
+from common import Run, split_flops
 from fedlearn import average_models
 from splitlearn import step_for, take_turns
 
-VERSIONS = (1, 2, 3)
+
+class Version(NamedTuple):
+    server_per_client: bool  # a server part per client, the clients in parallel (else one, in turns)
+    average_client_parts: bool
+    average_server_parts: bool
+
+
+VERSIONS = {1: Version(server_per_client=True, average_client_parts=True, average_server_parts=True),
+            2: Version(server_per_client=False, average_client_parts=True, average_server_parts=False),
+            3: Version(server_per_client=True, average_client_parts=False, average_server_parts=True)}
 
 
 def train(client_model, server_model, train_sets, test_sets, version=1, turns="client", **cfg):
-    """SplitFed v1, v2 or v3; `turns` orders v2's clients on its one server part ("client" or "batch");
-    v1 and v3 run their clients in parallel."""
+    """SplitFed v1, v2 or v3 (`VERSIONS`); `turns` orders v2's clients on its one server part ("client" or
+    "batch")."""
     if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, not {version!r}")
-    name = f"sfv{version}" + ("-batch" if version == 2 and turns == "batch" else "")
-    run = Run(name, train_sets, test_sets, parallel=version != 2, **cfg)
+        raise ValueError(f"version must be one of {tuple(VERSIONS)}, not {version!r}")
+    protocol = VERSIONS[version]
+    name = f"sfv{version}" + ("-batch" if not protocol.server_per_client and turns == "batch" else "")
+    run = Run(name, train_sets, test_sets, parallel=protocol.server_per_client, **cfg)
     run.place(client_model, server_model)
     num_sites, num_examples = len(train_sets), [len(s) for s in train_sets]
     client_models = run.copies(client_model, range(num_sites))
-    num_servers = 1 if version == 2 else num_sites  # v1, v3: one server copy per client
-    server_models = run.copies(server_model, ["server"] * num_servers)
+    server_models = run.copies(server_model, ["server"] * (num_sites if protocol.server_per_client else 1))
+    serves = [site % len(server_models) for site in range(num_sites)]  # the server part each site trains with
+    serving = [server_models[serves[site]] for site in range(num_sites)]
     client_optimizers = [run.optimizer(m) for m in client_models]
     server_optimizers = [run.optimizer(m) for m in server_models]
     flops = split_flops(client_model, server_model, run.image_shape)
     step = step_for(client_model)
-    serves = [site % num_servers for site in range(num_sites)]  # the server copy each site trains with
-    schedule = turns if version == 2 else "batch"  # v1, v3: the clients in parallel (see above)
-    deployed = [joined(client_models[site], server_models[serves[site]]) for site in range(num_sites)]
-    run.restore(*client_models, *server_models, *client_optimizers, *server_optimizers)  # if the run resumes
-    for round in run.rounds_to_go():
+    schedule = "batch" if protocol.server_per_client else turns  # in parallel: a mini-batch each, round and round
+    for round in run.rounds(*client_models, *server_models, *client_optimizers, *server_optimizers):
         for site, images, labels in take_turns(run, train_sets, round, schedule):
-            step(run, site, client_models[site], server_models[serves[site]], client_optimizers[site],
+            step(run, site, client_models[site], serving[site], client_optimizers[site],
                  server_optimizers[serves[site]], images, labels, flops)
-        if version != 3:  # the aggregator averages the client parts, over the network
+        if protocol.average_client_parts:  # the aggregator averages the client parts, over the network
             average_models(run, client_models, num_examples)
-        if version != 2:  # the server averages its own copies of the server part
+        if protocol.average_server_parts:  # the server averages its own copies of the server part
             average_models(run, server_models, num_examples, over_network=False)
-        run.end_round(round, deployed)
-    return run.result(deployed)
+        run.end_round(run.deploy(client_models, serving))  # each site: its client part, the server part serving it
+    return run.result(run.deploy(client_models, serving))  # the last round's (deploy is not done again)

@@ -5,12 +5,14 @@ epoch, then hands the client part (and its optimizer state) to the next; with tu
 after every mini-batch, and a client whose data ran out is skipped until the round ends. The clients take
 their turns in site order every round (order="fixed", as the paper did) or in a seeded order drawn anew
 each round (order="shuffled"), so that no site always trains last.
-A label-private client part (`densenet_split.label_private`) keeps the classifier head and the loss at the
+A label-private client part (`densenet_split.label_private`, `common.LabelPrivateClient`) keeps the classifier head and the loss at the
 client (a U-shaped split: `label_private_step`).
-To reuse: copy this file with common.py and densenet_split.py.
+To reuse: copy this file with common.py.
 """
-from common import Run
-from densenet_split import is_label_private, joined, split_flops
+import numpy as np
+import torch
+
+from common import Run, is_label_private, split_flops
 
 TURNS = ("client", "batch")
 
@@ -63,16 +65,26 @@ def label_private_step(run, site, client_model, server_model, client_optimizer, 
 
 
 def step_for(client_model):
-    """`label_private_step` for a label-private client part (`densenet_split.label_private`), else `split_step`."""
+    """`label_private_step` for a label-private client part (`common.LabelPrivateClient`), else `split_step`."""
     return label_private_step if is_label_private(client_model) else split_step
 
 
+def turn_order(run, round):
+    """The order in which clients take their turns in round `round` (0-based): site order (order="fixed"),
+    or a permutation drawn from (seed, round), the same in every process (order="shuffled")."""
+    num_sites = len(run.train_sets)
+    if run.cfg["order"] == "fixed":
+        return list(range(num_sites))
+    seed = np.random.SeedSequence([run.cfg["seed"], round], spawn_key=(1,)).generate_state(1)[0]  # not a batch seed
+    return torch.randperm(num_sites, generator=torch.Generator().manual_seed(int(seed))).tolist()
+
+
 def take_turns(run, train_sets, round, turns):
-    """(site, images, labels) in the order the clients train in one round: the sites in `run.turn_order(round)`,
+    """(site, images, labels) in the order the clients train in one round: the sites in `turn_order`,
     each for its whole epoch (turns="client") or a mini-batch each, round and round (turns="batch")."""
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {', '.join(TURNS)}, not {turns!r}")
-    streams = [(site, run.batches(train_sets[site], site, round)) for site in run.turn_order(round)]
+    streams = [(site, run.batches(train_sets[site], site, round)) for site in turn_order(run, round)]
     if turns == "client":
         for site, stream in streams:
             for images, labels in stream:
@@ -95,14 +107,12 @@ def train(client_model, server_model, train_sets, test_sets, turns="client", **c
     client_optimizer, server_optimizer = run.optimizer(client_model), run.optimizer(server_model)
     flops = split_flops(client_model, server_model, run.image_shape)
     step = step_for(client_model)
-    deployed = [joined(client_model, server_model)] * len(train_sets)
-    # The site that holds the client part (site 0 starts with it), restored with the parts if the run resumes.
-    holder = run.restore(client_model, server_model, client_optimizer, server_optimizer, holder=0)["holder"]
-    for round in run.rounds_to_go():
+    every_site = [client_model] * len(train_sets), [server_model] * len(train_sets)  # one model, deployed everywhere
+    for round in run.rounds(client_model, server_model, client_optimizer, server_optimizer):
         for site, images, labels in take_turns(run, train_sets, round, turns):
-            if site != holder:  # hand the client part and its optimizer state to the next client
-                run.send(holder, site, client_model.state_dict(), client_optimizer.state_dict()["state"])
-                holder = site
+            if site != run.holder:  # hand the client part and its optimizer state to the next client
+                run.send(run.holder, site, client_model.state_dict(), client_optimizer.state_dict()["state"])
+                run.holder = site
             step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops)
-        run.end_round(round, deployed, holder=holder)
-    return run.result(deployed)
+        run.end_round(run.deploy(*every_site))  # as the last client left it; BatchNorm statistics each site's own
+    return run.result(run.deploy(*every_site))  # the last round's (deploy is not done again)

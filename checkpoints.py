@@ -1,0 +1,172 @@
+"""Checkpoints: a run that is stopped (Ctrl-C, a kill, a power cut) goes on from its last complete round.
+
+`Checkpoint(path)` is an observer of a `common.Run`: after every round it writes every model copy and optimizer
+the loop registered (`run.rounds(...)`), with the run's own state (`Run.state_dict`: the ledger, the history,
+the training time, split learning's holder), atomically and in the background; a run that starts with a
+checkpoint at `path` loads it and goes on after its last round, to the result an uninterrupted run gives, bit
+for bit on a CPU. Under `--distributed` each party keeps its own (its last two), and the parties agree on the
+last round all of them have (`distributed.Transport.agree`). docs/reproducibility.md says what is exact where.
+"""
+import os
+import threading
+
+import torch
+
+from common import Observer, leaves, tree_map
+
+
+def pack(state):
+    """The tensors of `state` (a state dict, nested), flattened and joined into one new tensor per dtype, where
+    they are: a checkpoint of a few large tensors saves and loads many times faster than one of thousands."""
+    by_dtype = {}
+    for tensor in leaves(state):
+        by_dtype.setdefault(str(tensor.dtype), []).append(tensor.detach().reshape(-1))
+    return {dtype: torch.cat(parts) for dtype, parts in by_dtype.items()}
+
+
+def unpack(packed, like):
+    """`like` (a state dict shaped as the one `pack` packed) with the packed values, in the same order."""
+    used = dict.fromkeys(packed, 0)
+
+    def take(tensor):
+        dtype, start = str(tensor.dtype), used.get(str(tensor.dtype), 0)
+        used[dtype] = start + tensor.numel()
+        if dtype not in packed or used[dtype] > packed[dtype].numel():
+            raise ValueError("the checkpoint holds other model parts")
+        # in the memory layout of `like`'s tensor (channels-last, say): fused Adam pairs a weight's elements
+        # with its moments' by their place in memory
+        return torch.empty_like(tensor, device="cpu").copy_(packed[dtype][start:used[dtype]].view(tensor.shape))
+    state = tree_map(take, like)
+    if any(used[dtype] != values.numel() for dtype, values in packed.items()):
+        raise ValueError("the checkpoint holds other model parts")
+    return state
+
+
+def previous(path):
+    """Where the checkpoint before `path`'s is kept, when one is (`save_checkpoint(keep_previous=True)`)."""
+    return path.removesuffix(".pt") + ".previous.pt"
+
+
+def save_checkpoint(checkpoint, path, keep_previous=False):
+    """`torch.save` atomically: into a temporary file beside `path`, flushed to the disk, then renamed over it,
+    so that a kill or a power cut during the write leaves the previous checkpoint whole. `keep_previous`: the
+    one it replaces is kept as `previous(path)` (a party of a distributed run may have to go back a round)."""
+    temporary = f"{path}.tmp"
+    os.makedirs(os.path.dirname(temporary) or ".", exist_ok=True)
+    with open(temporary, "wb") as file:
+        torch.save(checkpoint, file)
+        file.flush()
+        os.fsync(file.fileno())
+    if keep_previous and os.path.exists(path):
+        os.replace(path, previous(path))
+    os.replace(temporary, path)
+
+
+class CheckpointWriter:
+    """Writes checkpoints while training goes on: `write` takes a checkpoint whose tensors nothing changes
+    afterwards (`pack` makes new ones), moves them to the CPU, and a thread saves it (`save_checkpoint`: on
+    the disk, then renamed into place); `wait` returns when the last write is done, with its exception if it
+    raised one."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def write(self, checkpoint, path, keep_previous=False):
+        self.written()
+        snapshot = tree_map(lambda tensor: tensor.detach().cpu(), checkpoint)  # (containers copied too)
+
+        def save():
+            try:
+                save_checkpoint(snapshot, path, keep_previous)
+            except BaseException as error:  # a full disk, or an interruption: the caller's to raise
+                self.error = error
+        self.thread = threading.Thread(target=save, name="checkpoint")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+        error, self.thread, self.error = self.error, None, None
+        return error
+
+    def written(self):
+        """`wait`, raising what the write raised."""
+        error = self.wait()
+        if error:
+            raise error
+
+
+writer = CheckpointWriter()  # one writer per process: a run's checkpoint is on the disk before the next starts
+
+
+def load_checkpoint(path):
+    """A checkpoint written by `Checkpoint`, tensors on the CPU, loaded with `weights_only=True` (tensors, numbers,
+    strings and containers; no code runs). A missing, partial or corrupted file: ValueError naming it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a whole checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"settings", "state", "run"} <= set(checkpoint):
+        raise ValueError(f"{path}: not a checkpoint of a scheme's run")
+    return checkpoint
+
+
+def settings(run):
+    """What a checkpoint records of the run that wrote it, and a run resuming from it must repeat."""
+    return dict(scheme=run.scheme, seed=run.cfg["seed"], bn=run.cfg["bn"], order=run.cfg["order"],
+                batch_size=run.batch_size, lr=run.lr, bf16=run.cfg["bf16"], defense=str(run.cfg["defense"]),
+                num_examples=[len(s) for s in run.train_sets], image_shape=list(run.image_shape))
+
+
+class Checkpoint(Observer):
+    """Makes a run resumable from `path` (see the module's docstring); `transport`: the run's, under `--distributed`."""
+
+    def __init__(self, path, transport=None):
+        self.path, self.transport, self.state = path, transport, ()
+
+    def started(self, run, state):
+        """Load the newest checkpoint (under a transport: of the last round every party has) into `state`, the
+        loop's model copies and optimizers, and into the run."""
+        self.state = state
+        found = {}  # by the number of rounds done
+        for saved in (self.path, previous(self.path)) if self.transport else (self.path,):
+            if os.path.exists(saved):
+                checkpoint = load_checkpoint(saved)
+                found[len(checkpoint["run"]["history"])] = saved, checkpoint
+                if len(checkpoint["run"]["history"]) > run.num_rounds:
+                    raise ValueError(f"{saved}: {len(checkpoint['run']['history'])} rounds done, more than {run.num_rounds}")
+        # Under a transport every party goes on from the last round all of them have a checkpoint of (a party
+        # killed during a round's write has the round before; the others keep that one too).
+        done = self.transport.agree(found, run.num_rounds) if self.transport else max(found, default=0)
+        if done == 0:
+            return
+        path, checkpoint = found[done]
+        expected = settings(run)
+        differs = [key for key in expected if checkpoint["settings"].get(key) != expected[key]]
+        if differs or len(checkpoint["state"]) != len(state):
+            raise ValueError(f"{path}: a checkpoint of another run ({', '.join(differs) or 'its model copies'} differ)")
+        for holder, saved in zip(state, checkpoint["state"]):
+            if saved is not None:  # None: a copy another process holds (under a transport)
+                try:
+                    holder.load_state_dict(unpack(saved, holder.state_dict()))
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}") from None
+        run.load_state_dict(checkpoint["run"])
+        if self.transport:
+            self.transport.load_state_dict(checkpoint["transport"])
+
+    def round_ending(self, run):
+        if self.transport:  # no party passes a round's end before every party's last checkpoint is on its disk
+            writer.written()
+
+    def round_ended(self, run, entry, deployed):
+        if run.cfg["costs_only"]:
+            return
+        weights = lambda holder: holder.param_groups[0]["params"] if hasattr(holder, "param_groups") else list(holder.parameters())
+        state = [None if weights(holder)[0].is_meta else pack(holder.state_dict()) for holder in self.state]
+        writer.write(dict(settings=settings(run), state=state, run=run.state_dict(),
+                          transport=self.transport.state_dict() if self.transport else None),
+                     self.path, keep_previous=self.transport is not None)
+
+    def finished(self, run, result):
+        writer.written()  # the last round's checkpoint is on the disk before the run reports

@@ -1,0 +1,210 @@
+"""What the server can learn (privacy.py) and the defenses, on trained runs."""
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import densenet_split as ds
+import privacy
+import splitfed
+import splitlearn
+from common import Observer, batch_bounds
+from test_all import FAST, TINY, fresh_split
+
+
+def test_the_attacks_upsampling_is_bilinear_interpolation():
+    torch.manual_seed(0)
+    for features, size in ((torch.randn(2, 3, 6, 6), 48), (torch.randn(2, 3, 1, 1), 32), (torch.randn(1, 2, 7, 5), 64)):
+        expected = F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)
+        assert torch.allclose(privacy.upsample(features, size), expected, atol=1e-6)
+
+
+def test_leakage_shuffles_the_pairs_by_permuting_the_distance_matrix():
+    torch.manual_seed(0)
+    images, client_model = torch.rand(20, 1, 8, 8), nn.Conv2d(1, 2, 3)
+    found = privacy.leakage(client_model, images, batch_size=8, seed=3)
+    activations = privacy.sent_activations(client_model, images, 8)
+    shuffled = torch.randperm(20, generator=torch.Generator().manual_seed(3))
+    assert found["dcor"] == pytest.approx(privacy.distance_correlation(images, activations), abs=1e-12)
+    assert found["dcor_shuffled"] == pytest.approx(privacy.distance_correlation(images, activations[shuffled]), abs=1e-12)
+
+
+def test_distance_correlation_is_zero_for_independent_data_and_one_for_a_distance_preserving_map():
+    torch.manual_seed(0)
+    x, z = torch.randn(256, 2000), torch.randn(256, 3000)
+    assert abs(privacy.distance_correlation(x, z)) < 0.05
+    permuted = 3 * x[:, torch.randperm(2000)]  # a scaled permutation of the features keeps every distance's ratio
+    assert privacy.distance_correlation(x, permuted) == pytest.approx(1, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def trained_split(three_site_results):
+    return three_site_results["sl-client"]["models"][0]
+
+
+def test_activations_carry_less_of_the_image_the_deeper_the_cut(trained_split, three_sites):
+    cuts = {row["cut"]: row["dcor"] for row in privacy.cuts_sweep(*trained_split, three_sites[0], 16, log=None)}
+    assert cuts["conv0"] > cuts["transition1"] > cuts["transition2"] > cuts["norm5"]
+
+
+def test_reconstruction_attack_beats_its_floor_at_the_first_cut_and_reaches_it_at_the_last(trained_split, three_sites):
+    model = ds.merge(*trained_split)
+    train_sets = three_sites[0]
+    found = {cut: privacy.reconstruction_attack(ds.split_model(model, cut)[0], train_sets[1].images,
+                                                train_sets[0].images, 16, steps=150)
+             for cut in ("conv0", "norm5")}
+    assert found["conv0"]["ssim"] > found["conv0"]["ssim_floor"] + 0.05
+    assert found["norm5"]["ssim"] < found["conv0"]["ssim"]
+    assert found["norm5"]["ssim"] > found["norm5"]["ssim_floor"] - 0.02  # 1 x 1 activations: at least the mean image
+    assert found["conv0"]["target_size"] == 32 and found["conv0"]["ssim_floor"] == found["norm5"]["ssim_floor"]
+
+
+def test_label_private_sends_no_labels_and_its_gradients_still_tell_them(three_sites):
+    train_sets, _ = three_sites
+    result = splitfed.train(*ds.label_private(*fresh_split()), *three_sites, version=3, **FAST)
+    num_images, activation = sum(len(s) for s in train_sets), int(np.prod(ds.activation_shape("transition1", 32)))
+    features = 1024  # the pooled features the server sends, and their gradient that comes back
+    for link in ("client->server", "server->client"):  # no label: activations and features, there and back
+        assert result["bytes"][link] == FAST["rounds"] * num_images * (activation + features) * 4, link
+    leaks = [privacy.label_leak(model[0], model[1], s.images, s.labels, 16) for model, s in zip(result["models"], train_sets)]
+    for leak in leaks:
+        assert 0 <= leak["norm_auroc"] <= 1 and leak["cosine_auroc"] == 1.0  # one logit: the direction is the label
+
+
+def test_bench_shows_what_the_server_can_learn(capsys):
+    rows = bench.main(TINY + ["--schemes", "central,fedavg,sl-client", "--label-private"])
+    found = {row["scheme"]: row["privacy"] for row in rows}
+    assert found["central"] == dict(sends="images", labels_leave=True)
+    assert found["fedavg"] == dict(sends="weights", labels_leave=False)
+    assert found["sl-client"]["labels_leave"] is False and len(found["sl-client"]["dcor"]) == 2
+    assert all(abs(value) < 0.3 for value in found["sl-client"]["dcor_shuffled"])
+    assert "label leak AUROC" in capsys.readouterr().out
+
+
+def test_nopeeks_counted_flops_are_the_arithmetic_of_its_matrices():
+    images, activations = torch.rand(16, 1, 32, 32), torch.rand(16, 128, 4, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:  # counts the matrix products, forward and backward
+        privacy.nopeek_penalty(images, activations).backward()
+    elementwise = privacy.NOPEEK_ELEMENTWISE * 16 * 16
+    assert privacy.nopeek_flops(16, 32 * 32, 128 * 4 * 4) == counter.get_total_flops() + elementwise
+    # and the ledger counts it once per client batch, on the client
+    plain, defended = (bench.main(TINY + ["--costs-only", "--schemes", "sl-client", "--rounds", "2"] + extra)[0]
+                       for extra in ([], ["--defense", "nopeek:1"]))
+    batches = [end - start for n in plain["num_examples"] for start, end in batch_bounds(n, 8)]
+    activation = int(np.prod(ds.activation_shape("transition1", 32)))
+    assert defended["flops"]["client"] - plain["flops"]["client"] == 2 * sum(
+        privacy.nopeek_flops(n, 32 * 32, activation) for n in batches)
+    assert defended["flops"]["server"] == plain["flops"]["server"] and defended["bytes"] == plain["bytes"]
+
+
+class Received(Observer):
+    """Records what the server receives for activations, and, through a forward hook on the client part, what
+    the client computed for them in training (not the warm-up's, the statistics pass's or the scoring's)."""
+
+    def __init__(self, client_model):
+        self.computed, self.received, self.training = [], [], False
+        client_model.register_forward_hook(self.note)
+
+    def note(self, module, inputs, output):
+        if self.training and torch.is_grad_enabled():
+            self.computed.append(output.detach().clone())
+
+    def round_started(self, run):
+        self.training = True
+
+    def round_ending(self, run):
+        self.training = False
+
+    def sent(self, run, source, destination, link, objects):
+        if link == "client->server":
+            self.received.append(objects[0].clone())
+
+
+def test_the_server_receives_the_activations_plus_seeded_noise_of_the_stated_scale(three_sites):
+    computed, received = [], []
+    runs = []
+    for _ in range(2):
+        client_model, server_model = fresh_split()
+        recorder = Received(client_model)
+        runs.append(splitlearn.train(client_model, server_model, *three_sites, defense=privacy.Defense(noise=0.5),
+                                     observers=[recorder], **dict(FAST, rounds=1, batch_size=8)))
+        computed += recorder.computed
+        received += recorder.received
+    noise = [sent - activations for sent, activations in zip(received, computed)]
+    half = len(noise) // 2
+    assert half == len(received) - half == sum(len(batch_bounds(len(s), 8)) for s in three_sites[0])  # each run
+    for batch, activations in zip(noise[:half], computed):
+        assert batch.mean().abs() < 0.02 * activations.std()
+        assert batch.std() / activations.std() == pytest.approx(0.5, rel=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(noise[:half], noise[half:]))  # the same seed, the same noise
+    drawn = [batch / batch.std() for batch in noise[:half]]  # the unit noise: every batch its own
+    assert not any(a.shape == b.shape and torch.allclose(a, b, atol=1e-5) for i, a in enumerate(drawn) for b in drawn[i + 1:])
+    assert runs[0]["loss"] == runs[1]["loss"] and torch.equal(
+        runs[0]["models"][0][0].conv0.weight, runs[1]["models"][0][0].conv0.weight)
+
+
+def test_every_defense_at_strength_zero_is_the_undefended_run_bit_for_bit(tmp_path):
+    zero = ["--defense", "nopeek:0", "--defense", "noise:0", "--defense", "gradient-noise:0"]
+    plain, defended = (bench.main(TINY + ["--schemes", "sl-client", "--label-private", "--save", str(tmp_path / name)]
+                                  + extra)[0]
+                       for name, extra in (("plain", []), ("zero", zero)))
+    for key in ("loss", "auroc", "site_auroc", "bytes", "flops", "privacy"):
+        assert plain[key] == defended[key], key
+    saved = [torch.load(tmp_path / name / "sl-client" / "site-0.pt", weights_only=True) for name in ("plain", "zero")]
+    assert all(torch.equal(value, saved[1]["client"][key]) for key, value in saved[0]["client"].items())
+
+
+def test_nopeek_lowers_dcor_at_the_cut_as_alpha_grows(three_sites, three_site_results):
+    train_sets = three_sites[0]
+    found = []
+    for alpha in (0, 1, 10):  # alpha 0: the undefended run of the fixture, the same settings
+        result = three_site_results["sl-client"] if alpha == 0 else splitlearn.train(
+            *fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha), **dict(FAST, rounds=1))
+        client_model = result["models"][0][0]
+        found.append(statistics.mean(privacy.leakage(client_model, s.images, 16)["dcor"] for s in train_sets))
+    assert found[0] > found[1] > found[2], found
+
+
+def test_each_privacy_measure_is_reported_from_its_worst_round():
+    attack = lambda ssim: dict(ssim=ssim, ssim_floor=0.7, psnr=20.0, psnr_floor=19.0)
+    leak = lambda cosine: [dict(norm_auroc=0.5, cosine_auroc=cosine)] * 2
+    history = [dict(round=1, privacy=dict(dcor=[0.5, 0.7], dcor_shuffled=[0.01, 0.0], attack=attack(0.8),
+                                          label_leak=leak(0.9))),
+               dict(round=2, privacy=dict(dcor=[0.9, 0.1], dcor_shuffled=[0.02, 0.0], attack=attack(0.75),
+                                          label_leak=leak(None))),
+               dict(round=3, privacy=dict(dcor=[0.8, 0.6], dcor_shuffled=[0.03, 0.0], attack=attack(0.7),
+                                          label_leak=leak(0.95)))]
+    args = bench.parse_args(["--label-private"])[0]
+    found = bench.what_the_server_learns("sfv1", history, args)
+    assert found["dcor"] == [0.8, 0.6] and found["dcor_shuffled"] == [0.03, 0.0]  # mean 0.7 beats 0.6 and 0.5
+    assert found["attack"]["ssim"] == 0.8 and found["label_leak"][0]["cosine_auroc"] == 0.95
+    assert found["worst_round"] == dict(dcor=3, attack=1, label_leak=3)
+    assert found["labels_leave"] is False and found["sends"] == "activations"
+
+
+def test_tradeoff_trains_each_defense_at_each_strength_and_prints_the_curve(tmp_path, capsys):
+    rows = bench.main(TINY + ["--tradeoff", "--defense", "nopeek:1", "--defense", "noise:0.5", "--rounds", "2",
+                              "--json", str(tmp_path / "rows.json")])
+    assert [(row["scheme"], row["defense"]) for row in rows] == [
+        ("sl-client", "none"), ("sl-client", "nopeek:1"), ("sl-client", "noise:0.5")]
+    none, nopeek, noise = rows
+    assert nopeek["flops"]["client"] > none["flops"]["client"] < noise["flops"]["client"]
+    assert none["bytes"] == nopeek["bytes"] == noise["bytes"]
+    assert all(len(row["history"]) == 2 and all("dcor" in entry["privacy"] for entry in row["history"]) for row in rows)
+    assert statistics.mean(noise["privacy"]["dcor"]) < statistics.mean(none["privacy"]["dcor"])
+    out = capsys.readouterr().out
+    assert "what each defense buys" in out and "nopeek:1" in out.split("what each defense buys")[1]
+    assert [row["defense"] for row in json.loads((tmp_path / "rows.json").read_text())] == ["none", "nopeek:1", "noise:0.5"]
+
+
+@pytest.mark.extras
+def test_tradeoff_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench.main(TINY + ["--tradeoff", "--defense", "noise:1", "--plot", str(tmp_path / "tradeoff.png")])
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
