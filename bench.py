@@ -109,7 +109,7 @@ def parse_args(argv):
                     formatter_class=Formatter)
     federation = parser.add_argument_group("data", "the federation: synthetic (default) or X-ray folders")
     federation.add_argument("--data", metavar="PATH", default=None,
-                        help="X-ray folder or CSV manifest (see README); default: the synthetic federation")
+                        help="X-ray folder or CSV manifest (docs/data.md); default: the synthetic federation")
     federation.add_argument("--sites", type=positive(int), default=None,
                         help="number of sites (default: 3 synthetic, or the folder's own sites)")
     federation.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
@@ -147,13 +147,13 @@ def parse_args(argv):
     training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     training.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast: halves activation bytes; on a GPU faster only at large batches (README)")
+                        help="bf16 autocast: halves activation bytes; on a GPU faster only at large batches (docs/gpu.md)")
     training.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
                         help="memory layout of images, activations and convolution weights (channels-last is "
                              "faster on this project's CPU and on GPUs; the numbers differ in the last bits)")
     training.add_argument("--deterministic", action="store_true",
                         help="the same seed gives the same models on a GPU too: deterministic kernels, no cuDNN "
-                             "autotuning (no measurable cost at batch 32 on an H200, see README; a CPU run is "
+                             "autotuning (no measurable cost at batch 32 on an H200, docs/gpu.md; a CPU run is "
                              "reproducible without it)")
     training.add_argument("--threads", type=positive(int), default=None, metavar="N",
                         help="threads per process (default: torch's; with --distributed spawned here, the cores "
@@ -186,10 +186,10 @@ def parse_args(argv):
                         help="deployment estimate: a client's sustained TFLOP/s")
     measuring.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
                         help="deployment estimate: the server's sustained TFLOP/s")
-    processes = parser.add_argument_group("real processes", "every party its own process (see README)")
+    processes = parser.add_argument_group("real processes", "every party its own process (docs/distributed.md)")
     processes.add_argument("--distributed", action="store_true",
                         help="run every party as its own process on torch.distributed: spawned here over loopback, "
-                             "or, started by torchrun, this process is one party (see README)")
+                             "or, started by torchrun, this process is one party (docs/distributed.md)")
     processes.add_argument("--max-restarts", type=positive(int, or_zero=True), default=0, metavar="N",
                         help="--distributed spawned here: when a party fails, end the others and start them all "
                              "again, up to N times; they go on from their checkpoints (needs --save DIR), as under "

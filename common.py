@@ -52,7 +52,7 @@ class Observer:
         load it here to resume."""
 
     def round_started(self, run):
-        """A round's clock started: its first batch or transfer."""
+        """A round's clock started: the round began (`Run.rounds`), or a transfer before it (central's upload)."""
 
     def sending(self, run, source, destination, link, objects):
         """`objects` are about to go from `source` to `destination`; `link` is None for evaluation traffic,

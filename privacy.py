@@ -83,13 +83,13 @@ def nopeek_penalty(images, activations):
     """NoPeek's penalty on one mini-batch: the bias-corrected dCor² of `distance_correlation` between the
     images and the activations, differentiable, floored at 0 (below it the two are as independent as the
     estimate can tell), in float64 where the activations are. NoPeek itself used the plain sample distance
-    correlation; at these dimensions that estimate is near 1 even for independent data (README)."""
+    correlation; at these dimensions that estimate is near 1 even for independent data (docs/privacy.md)."""
     a, b = (u_centre(samples.flatten(1).double() @ samples.flatten(1).double().T).to(activations.device)
             for samples in (images, activations))
     return ((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-30)).clamp(min=0)
 
 
-NOPEEK_ELEMENTWISE = 40  # FLOPs per entry of the n x n matrices, forward and backward (README: "Defenses")
+NOPEEK_ELEMENTWISE = 40  # FLOPs per entry of the n x n matrices, forward and backward (docs/privacy.md, "Defenses")
 NOISE_FLOPS = 6  # per noised number: its share of the batch's standard deviation (4), the scaled add (2)
 
 

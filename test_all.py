@@ -2,6 +2,8 @@
 every scheme with one site, hand-computed averages, scikit-learn, shape arithmetic, torch's own FLOP counter) and
 the numbers docs/course.md quotes. `python -m pytest test_all.py`; the longer tests are in tests/."""
 import copy
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +14,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import common
 import data
 import densenet_split as ds
 import fedlearn
 import privacy
+import report
 import splitfed
 import splitlearn
 from common import Run, auroc, auroc_interval, recompute_batchnorm
@@ -431,3 +435,44 @@ def test_nopeeks_penalty_and_its_gradient_match_the_formula_written_out():
     sent.backward(grad_from_server)
     assert torch.allclose(activations.grad, grad_from_server + 0.5 * grad_penalty, rtol=1e-12, atol=0)
     assert torch.equal(sent, activations) and flops == privacy.nopeek_flops(8, 16, 6)
+
+
+# The numbers docs/course.md quotes
+
+COURSE = ["--site-sizes", "128,64", "--rounds", "3"]  # the lessons' federation
+
+
+def test_the_course_quotes_what_the_code_computes(capsys):
+    """Every number in bold in docs/course.md is one of these, computed here, and each of these is quoted: a
+    lesson's arithmetic cannot drift from the code. Bytes and FLOPs of a cost-only run equal training's
+    (`test_costs_only_at_three_sites_predicts_exactly_what_training_counts`)."""
+    rows = {row["scheme"]: row for row in bench.main(COURSE + ["--costs-only"])}
+    label_private, nopeek, noise = (bench.main(COURSE + ["--costs-only", "--schemes", "sl-client", *extra])[0]
+                                    for extra in (["--label-private"], ["--defense", "nopeek:1"], ["--defense", "noise:1"]))
+    capsys.readouterr()
+    client_model, server_model = fresh_split()
+    whole = nn.Sequential(client_model, server_model)
+    activation, at_224 = ds.activation_shape("transition1", 48), ds.activation_shape("transition1", 224)
+    sl, handoff = rows["sl-client"], rows["sl-client"]["bytes"]["client->client"] // rows["sl-client"]["messages"]["client->client"]
+    assert rows["sl-batch"]["bytes"]["client->client"] == rows["sl-batch"]["messages"]["client->client"] * handoff
+    number, human = "{:,}".format, report.human
+    quoted = {
+        number(common.nbytes(whole.state_dict())) + " bytes", human(rows["fedavg"]["bytes"]["client->aggregator"], "B"),
+        number(common.nbytes(client_model.state_dict())) + " bytes", human(rows["sfv1"]["bytes"]["client->aggregator"], "B"),
+        human(rows["fedavg"]["flops"]["aggregator"], "M").replace("MM", "M"),
+        " × ".join(map(str, activation)), number(4 * int(np.prod(activation))) + " bytes", "4 bytes",
+        number(sl["bytes"]["client->server"]) + " bytes", number(sl["bytes"]["server->client"]) + " bytes",
+        str(sl["messages"]["client->server"]), " × ".join(map(str, at_224)), human(4 * int(np.prod(at_224)), "B"),
+        number(handoff) + " bytes", str(sl["messages"]["client->client"]), human(sl["bytes"]["client->client"], "B"),
+        str(rows["sl-batch"]["messages"]["client->client"]), human(rows["sl-batch"]["bytes"]["client->client"], "B"),
+        human(rows["sfv3"]["bytes"]["client->aggregator"], "B"),
+        *(human(rows[name]["flops"]["aggregator"]) for name in ("sfv1", "sfv2", "sfv3")),
+        str(sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in whole.modules())),
+        number(privacy.nopeek_flops(32, 48 * 48, int(np.prod(activation)))),
+        human(nopeek["flops"]["client"] - sl["flops"]["client"]), human(sl["flops"]["client"]), str(privacy.NOISE_FLOPS),
+        human(noise["flops"]["client"] - sl["flops"]["client"]), human(label_private["bytes"]["client->server"], "B"),
+        human(sl["bytes"]["client->server"], "B")}
+    assert rows["fedavg"]["flops"]["aggregator"] == rows["sfv1"]["flops"]["aggregator"]  # lesson 1: "both count"
+    spans = re.findall(r"\*\*(.+?)\*\*", (Path(ds.__file__).parent / "docs" / "course.md").read_text(), flags=re.S)
+    bold = {" ".join(span.split()) for span in spans if re.search(r"\d", span)}  # (a number may wrap across lines)
+    assert bold == quoted, (sorted(bold - quoted), sorted(quoted - bold))
