@@ -593,7 +593,7 @@ def train_scheme(scheme, seed, args, sites, transport, say, defense, observers):
     if transport:
         client_model, server_model = transport.parts(client_model, server_model, image_shape)
     profile = Profile(args.device) if args.profile else None
-    observers = [transport] * bool(transport) + observers + [profile] * bool(profile)
+    observers = ([transport] if transport else []) + observers + ([profile] if profile else [])
     with profile.measure() if profile else contextlib.nullcontext():
         result = SCHEMES[scheme](client_model, server_model, *sites, rounds=args.rounds, batch_size=args.batch_size,
                                  lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn, order=args.order,
