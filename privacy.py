@@ -293,6 +293,51 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
                 target_size=size, steps=steps)
 
 
+def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, restarts=1, lr=0.1, tv=1e-4):
+    """Images in [0, 1], shape (N, *image_shape), whose gradient of the package's loss (BCE with logits on one
+    logit, mean over the batch) with respect to `model.parameters()`, in that order, matches `gradients`: what
+    a party that holds the model and receives a gradient (or an update) can reconstruct of the images behind it.
+
+    Geiping et al. 2020 ("Inverting Gradients"): the distance is 1 - the cosine similarity of the two gradients,
+    all parameters at once (blind to the update's scale, which a learning rate or Adam's normalisation sets);
+    Adam (`lr`) on images parameterised by a sigmoid, so that they stay in [0, 1], its rate divided by ten at
+    3/8, 5/8 and 7/8 of `steps`; a total-variation prior of weight `tv`; `restarts` random starts (seeded by
+    `seed`), of which the one whose gradient matches best is kept. `labels` (N floats) are known to the
+    attacker (`label_leak` and the label counts say how far that holds). The model runs as it is (a client's
+    in train mode normalises by the batch, as its training did), on a copy: its weights and statistics are
+    untouched."""
+    model = copy.deepcopy(model)
+    weights = list(model.parameters())
+    target = [to_model(gradient, model) for gradient in gradients]
+    target_norm = torch.sqrt(sum(gradient.double().square().sum() for gradient in target))
+    labels = to_model(torch.as_tensor(labels, dtype=torch.float32), model)
+    generator = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(restarts):
+        logits = torch.randn(len(labels), *image_shape, generator=generator).to(labels.device).requires_grad_()
+        optimizer = torch.optim.Adam([logits], lr=lr)
+        decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps * 3 // 8, steps * 5 // 8, steps * 7 // 8], 0.1)
+
+        def distance():
+            images = torch.sigmoid(logits)
+            loss = F.binary_cross_entropy_with_logits(model(to_model(images, model)).squeeze(1).float(), labels)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            dot = sum((grad.double() * aim.double()).sum() for grad, aim in zip(grads, target))
+            norm = torch.sqrt(sum(grad.double().square().sum() for grad in grads))
+            prior = (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., 1:] - images[..., :-1]).abs().mean()
+            return 1 - dot / (norm * target_norm).clamp(min=1e-30), prior
+        for _ in range(steps):
+            mismatch, prior = distance()
+            optimizer.zero_grad(set_to_none=True)
+            (mismatch + tv * prior).backward()
+            optimizer.step()
+            decay.step()
+        mismatch = float(distance()[0].detach())
+        if best is None or mismatch < best[0]:
+            best = mismatch, torch.sigmoid(logits).detach()
+    return best[1]
+
+
 def label_leak(client_model, server_model, images, labels, batch_size, defense=None):
     """What the gradients a label-private client returns tell the server about the labels.
 

@@ -476,3 +476,31 @@ def test_the_course_quotes_what_the_code_computes(capsys):
     spans = re.findall(r"\*\*(.+?)\*\*", (Path(ds.__file__).parent / "docs" / "course.md").read_text(), flags=re.S)
     bold = {" ".join(span.split()) for span in spans if re.search(r"\d", span)}  # (a number may wrap across lines)
     assert bold == quoted, (sorted(bold - quoted), sorted(quoted - bold))
+
+
+# An attack against its published setting
+
+def dlg_lenet():
+    """The DLG paper's LeNet (Zhu et al. 2019): three 5x5 convolutions of 12 channels with sigmoid activations,
+    weights uniform in [-0.5, 0.5]; here for one grayscale 32x32 image and one logit."""
+    net = nn.Sequential(nn.Conv2d(1, 12, 5, padding=2, stride=2), nn.Sigmoid(), nn.Conv2d(12, 12, 5, padding=2, stride=2),
+                        nn.Sigmoid(), nn.Conv2d(12, 12, 5, padding=2, stride=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(768, 1))
+    for weight in net.parameters():
+        nn.init.uniform_(weight, -0.5, 0.5)
+    return net
+
+
+def test_gradient_inversion_reconstructs_one_image_in_the_dlg_setting():
+    torch.manual_seed(0)
+    net = dlg_lenet()
+    train_sets, _ = data.synthetic_sites(num_sites=1, image_size=32, site_sizes=[16])
+    image, label = train_sets[0].images[:1], train_sets[0].labels[:1]
+    loss = F.binary_cross_entropy_with_logits(net(image).squeeze(1), label)
+    gradients = torch.autograd.grad(loss, list(net.parameters()))
+    before = copy.deepcopy(net.state_dict())
+    reconstructed = privacy.invert_gradient(net, gradients, label, (1, 32, 32))
+    assert reconstructed.shape == (1, 1, 32, 32) and 0 <= reconstructed.min() and reconstructed.max() <= 1
+    assert float(privacy.ssim(reconstructed, image)) >= 0.9
+    other = privacy.invert_gradient(net, gradients, 1 - label, (1, 32, 32), steps=200)  # the wrong label
+    assert float(privacy.ssim(other, image)) < float(privacy.ssim(reconstructed, image))
+    assert all(torch.equal(value, before[key]) for key, value in net.state_dict().items())  # the model untouched
