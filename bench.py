@@ -46,8 +46,10 @@ SCHEMES = {
     "sfv3": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=3, **cfg),
 }
 SPLIT_SCHEMES = ("sl-client", "sl-batch", "sfv1", "sfv2", "sfv3")
+UPLOADING = ("fedavg", "sfv1", "sfv2")  # the schemes whose clients upload weights for averaging
 SENDS = {"central": "images", "fedavg": "weights"}  # what leaves a site; the split schemes send activations
-LADDER = dict(nopeek=(0.1, 0.3, 1, 3), noise=(0.1, 0.3, 1), gradient_noise=(0.1, 0.3, 1))  # --tradeoff's strengths
+LADDER = dict(nopeek=(0.1, 0.3, 1, 3), noise=(0.1, 0.3, 1), gradient_noise=(0.1, 0.3, 1), dp=(0, 0.0001, 0.001, 0.01, 1))
+APPLIES = dict(nopeek=SPLIT_SCHEMES, noise=SPLIT_SCHEMES, gradient_noise=SPLIT_SCHEMES, dp=UPLOADING)  # who defends with what
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,13 +67,14 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def positive(kind, or_zero=False):
+def positive(kind, or_zero=False, or_infinite=False):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not (value >= 0 if or_zero else value > 0) or (kind is float and not math.isfinite(value)):
+        finite = math.isfinite(value) or (or_infinite and value == math.inf)
+        if not (value >= 0 if or_zero else value > 0) or (kind is float and not finite):
             raise argparse.ArgumentTypeError(f"{text!r} must be {'zero or ' if or_zero else ''}positive")
         return value
     return parse
@@ -140,10 +143,17 @@ def parse_args(argv):
                         help="split schemes keep the classifier head and the loss at the client (U-shaped): "
                              "labels never leave a site")
     training.add_argument("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
-                        help="split schemes: a client-side defense, several allowed: nopeek:ALPHA (loss + ALPHA x "
+                        help="a client-side defense, several allowed: for the split schemes nopeek:ALPHA (loss + ALPHA x "
                              "dCor² of images and activations), noise:SIGMA (Gaussian noise of SIGMA x the "
                              "activations' std on what is sent), gradient-noise:SIGMA (the same on the gradients "
-                             "a --label-private client returns); default: none")
+                             "a --label-private client returns); for fedavg, sfv1 and sfv2 dp:SIGMA (each client's "
+                             "update clipped to --clip, plus Gaussian noise of SIGMA x --clip: client-level "
+                             "differential privacy, ε reported at --delta); default: none")
+    training.add_argument("--clip", type=positive(float, or_infinite=True), default=50.0, metavar="NORM",
+                        help="--defense dp: the L2 norm each client's update is clipped to (inf: unbounded; 50 clips "
+                             "only the first rounds' largest updates on the default federation)")
+    training.add_argument("--delta", type=positive(float), default=1e-5, metavar="D",
+                        help="--defense dp: the δ at which ε is reported")
     training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     training.add_argument("--bf16", action="store_true",
@@ -166,9 +176,10 @@ def parse_args(argv):
     measuring.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
                         help="the reconstruction attack's decoder training steps")
     measuring.add_argument("--tradeoff", action="store_true",
-                        help="train each split scheme (default sl-client) undefended and at a ladder of strengths "
-                             "per defense (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; gradient-noise 0.1,0.3,1 with "
-                             "--label-private; or the --defense points given) and print privacy against AUROC")
+                        help="train each scheme (default sl-client and fedavg) undefended and at a ladder of strengths "
+                             "per defense that applies to it (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; gradient-noise "
+                             "0.1,0.3,1 with --label-private; dp 0,0.0001,0.001,0.01,1 at --clip; or the --defense "
+                             "points given) and print privacy against AUROC")
     measuring.add_argument("--cuts-sweep", action="store_true",
                         help="after the run, the server's view at every cut of one trained model (the first of "
                              "central and the split schemes to run): dCor², and with --attack the reconstruction")
@@ -211,12 +222,21 @@ def parse_args(argv):
     output.add_argument("--plot", metavar="PATH.png",
                         help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
     args = parser.parse_args(argv)
-    defended = args.defense or args.tradeoff
-    if args.schemes is None:
-        args.schemes = ["sl-client"] if args.tradeoff else list(SPLIT_SCHEMES) if args.defense else list(SCHEMES)
-    elif defended and set(args.schemes) - set(SPLIT_SCHEMES):
-        parser.error(f"--{'tradeoff' if args.tradeoff else 'defense'} is for the split schemes; "
-                     f"{','.join(s for s in args.schemes if s not in SPLIT_SCHEMES)} send no activations")
+    named = dict.fromkeys(name for name, _ in args.defense)
+    if args.schemes is None:  # --tradeoff: a split scheme and FedAvg, as the defenses apply; else where all of them do
+        args.schemes = ([scheme for scheme in ("sl-client", "fedavg") if any(scheme in APPLIES[name] for name in named or LADDER)]
+                        if args.tradeoff else [scheme for scheme in SCHEMES if all(scheme in APPLIES[name] for name in named)])
+    for name in named if not args.tradeoff else ():
+        if set(args.schemes) - set(APPLIES[name]):
+            parser.error(f"--defense {name.replace('_', '-')} is for {','.join(APPLIES[name])}, not "
+                         f"{','.join(scheme for scheme in args.schemes if scheme not in APPLIES[name])}")
+    for scheme in args.schemes if args.tradeoff else ():
+        if not [name for name in named or LADDER if scheme in APPLIES[name]]:
+            parser.error(f"--tradeoff: no defense{' given' if named else ''} applies to {scheme}")
+    if not args.schemes:
+        parser.error(f"--defense: no scheme takes {' and '.join(name.replace('_', '-') for name in named)} at once")
+    if "dp" in named and args.clip == math.inf and dict(args.defense)["dp"]:
+        parser.error("--defense dp:SIGMA adds noise of SIGMA x --clip: it needs a finite --clip")
     if any(name == "gradient_noise" for name, _ in args.defense) and not args.label_private:
         parser.error("--defense gradient-noise: only a --label-private client returns gradients to the server")
     if args.tradeoff and args.costs_only:
@@ -488,19 +508,22 @@ def what_the_server_learns(scheme, history, args):
     return found
 
 
-def defenses(args):
-    """The defenses each scheme trains under: the --defense ones together; with --tradeoff, none, then each
-    defense alone at each strength of its ladder (or at each --defense point)."""
+def defenses(args, scheme):
+    """The defenses `scheme` trains under: the --defense ones together; with --tradeoff, none, then each defense
+    that applies to it alone at each strength of its ladder (or at each --defense point). A dp defense clips to
+    --clip and reports ε at --delta."""
+    with_dp = lambda points: privacy.Defense(**dict(points), **(dict(clip=args.clip, delta=args.delta)
+                                                                 if "dp" in dict(points) else {}))
     if not args.tradeoff:
-        return [privacy.Defense(**dict(args.defense))]
+        return [with_dp(args.defense)]
     points = args.defense or [(name, strength) for name, ladder in LADDER.items()
                               if name != "gradient_noise" or args.label_private for strength in ladder]
-    return [privacy.Defense()] + [privacy.Defense(**{name: strength}) for name, strength in points]
+    return [privacy.Defense()] + [with_dp([(name, strength)]) for name, strength in points if scheme in APPLIES[name]]
 
 
 TRAINED = ("data", "sites", "site_sizes", "same_scanner", "partition", "image_size", "cut", "bn", "batch_size", "lr",
            "bf16", "layout", "order", "schemes", "seeds", "label_private", "attack", "attack_steps", "defense",
-           "tradeoff")  # what a resumed run must repeat; besides, its rounds may only grow
+           "clip", "delta", "tradeoff")  # what a resumed run must repeat; besides, its rounds may only grow
 NOTED = ("device", "deterministic", "threads")  # what changes the numbers in their last bits only
 
 
@@ -512,7 +535,8 @@ def run_settings(args):
 
 def jobs(args):
     """Every (seed, scheme, defense) the run trains, in order."""
-    return [(seed, scheme, defense) for seed in range(args.seeds) for scheme in args.schemes for defense in defenses(args)]
+    return [(seed, scheme, defense) for seed in range(args.seeds) for scheme in args.schemes
+            for defense in defenses(args, scheme)]
 
 
 def job_row(args, seed, scheme, defense):
@@ -599,7 +623,7 @@ def train_scheme(scheme, seed, args, sites, transport, say, defense, observers):
                                  lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn, order=args.order,
                                  device=args.device, costs_only=args.costs_only,
                                  channels_last=args.layout == "channels-last", observers=observers,
-                                 defense=defense if scheme in SPLIT_SCHEMES else None,
+                                 defense=defense if scheme in SPLIT_SCHEMES + UPLOADING else None,
                                  log=lambda line: say(line, flush=True))
     return result, profile
 
@@ -730,7 +754,7 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
         return row, None, None
     models = result.pop("models")
     row.update(result, deploy_seconds=deployment_seconds(result, args.bandwidth, args.client_tflops,
-                                                          args.server_tflops, args.latency))
+                                                          args.server_tflops, args.latency), **guarantee(defense, args))
     if args.costs_only:
         row["seconds"] = None
     line = profile and attempt("profile", lambda: profile.row(row), failed, row_say)
@@ -742,6 +766,14 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
         row["failed"] = failed
     estimate.job_ended()
     return row, line, models[0] if sweeps else None
+
+
+def guarantee(defense, args):
+    """A row's ε at δ: client-level differential privacy of its clients' uploads over the run's rounds, where its
+    defense has noise on them (`privacy.epsilon`); else None, no guarantee (the activation defenses have none)."""
+    sigma = defense.dp if defense is not None else 0
+    return dict(epsilon=privacy.epsilon(sigma, args.rounds, defense.delta) if sigma else None,
+                delta=defense.delta if sigma else None)
 
 
 def fresh_checkpoint(row, args, rank):

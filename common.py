@@ -78,6 +78,20 @@ class Observer:
 _warmed_up = set()  # what `warm_up` has prepared in this process
 
 
+class NoDefense:
+    """A run's defense when it has none (`privacy.Defense` is the real one): all is sent as it is, at no cost."""
+    protects_uploads = False
+
+    def activations(self, images, activations, key):
+        return activations, 0
+
+    def gradient(self, gradient, key):
+        return gradient, 0
+
+    def update(self, state, start, key):
+        return state, 0
+
+
 def checked(cfg):
     """A run's settings, `DEFAULTS` where not given; a setting that is unknown or out of range: an error naming it."""
     unknown = set(cfg) - set(DEFAULTS)
@@ -106,10 +120,10 @@ class Run:
         self.device = torch.device(self.cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.num_rounds, self.batch_size, self.lr = self.cfg["rounds"], self.cfg["batch_size"], self.cfg["lr"]
         self.observers = list(self.cfg["observers"])
+        self.defense = self.cfg["defense"] or NoDefense()
         self.image_shape = tuple(train_sets[0][0][0].shape)
-        self.bytes = dict.fromkeys(LINKS, 0)
-        self.messages = dict.fromkeys(LINKS, 0)  # transfers, each one a party waits for (latency)
-        self.flops = dict.fromkeys(PARTIES, 0)
+        # the ledger: bytes and transfers (each one a party waits for: latency) per link, FLOPs per party
+        self.bytes, self.messages, self.flops = dict.fromkeys(LINKS, 0), dict.fromkeys(LINKS, 0), dict.fromkeys(PARTIES, 0)
         self.history, self.seconds = [], 0.0
         self.holder = 0  # split learning: the site that holds the one client part (site 0 starts with it)
         self.deployed, self.deployed_sides = None, None  # each site's deployed model, and its two sides
@@ -119,6 +133,7 @@ class Run:
         self._num_losses = 0
         self._clock = None  # started by each round (or a transfer before it): set-up is not timed
         self._defended = {}  # per site: the batches defended this round (the defense's noise is seeded by it)
+        self._round_starts = {}  # each model copy's state at the round's start, where a defense clips updates
         self._deploy_copies = {}  # each site's copy of each side to deploy (`refreshed`)
 
     # The loop's side of the run
@@ -134,9 +149,8 @@ class Run:
             warm_up(self, models)
 
     def copies(self, model, holders):
-        """A copy of `model`, with its initial weights, for each party in `holders` (the first is `model`
-        itself). A process makes real only the copies its observers say it holds, and meta stand-ins of the
-        others (`meta_copy`): under a transport a client holds its own model and optimizer state, not every site's."""
+        """A copy of `model`, with its initial weights, for each party in `holders` (the first is `model` itself),
+        real where this process holds the party (`Observer.holds`), else a meta stand-in (`meta_copy`)."""
         unused, made = model, []
         for holder in holders:
             if not all(observer.holds(holder) for observer in self.observers):
@@ -157,6 +171,8 @@ class Run:
         for observer in self.observers:
             observer.started(self, state)
         for round in range(len(self.history), self.num_rounds):
+            if self.defense.protects_uploads:  # a client's update is its weights minus the round's first
+                self._round_starts = {id(part): copy.deepcopy(part.state_dict()) for part in state if isinstance(part, nn.Module)}
             self._start_clock()  # (already running if the loop sent something before its first round)
             yield round
 
@@ -177,9 +193,7 @@ class Run:
             yield images[start:end].to(device, non_blocking=True), labels[start:end].to(device, non_blocking=True)
 
     def autocast(self):
-        if not self.cfg["bf16"]:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg["bf16"] else contextlib.nullcontext()
 
     def loss(self, logits, labels):
         """BCE-with-logits on one logit; the sum stays on the device until the round ends (no host sync)."""
@@ -202,8 +216,8 @@ class Run:
         return tensors[0] if len(tensors) == 1 else tensors
 
     def send_for_evaluation(self, source, destination, *objects):
-        """What deploying and scoring move between parties, as `send` moves it (a transport sends it for real)
-        but not in the ledger nor the round's time: evaluation is measurement, not the scheme's cost."""
+        """What deploying and scoring move between parties, as `send` moves it, but not in the ledger nor the
+        round's time: evaluation is measurement, not the scheme's cost."""
         objects = self._deliver(source, destination, None, objects)
         return objects[0] if len(objects) == 1 else objects
 
@@ -214,20 +228,17 @@ class Run:
     def defend(self, site, images, activations):
         """What client `site` sends for `activations` under the run's defense (`privacy.Defense`: NoPeek's
         penalty, noise), its cost counted; without one, the activations themselves."""
-        if not self.cfg["defense"]:
-            return activations
         batch = self._defended[site] = self._defended.get(site, -1) + 1
-        activations, flops = self.cfg["defense"].activations(images, activations, self._key(site, batch))
-        self.compute("client", flops)
-        return activations
+        return self._counted(self.defense.activations(images, activations, self._key(site, batch)))
 
     def defend_gradient(self, site, grad_features):
         """The gradient of the pooled features a label-private client `site` returns under the run's defense."""
-        if not self.cfg["defense"]:
-            return grad_features
-        grad_features, flops = self.cfg["defense"].gradient(grad_features, self._key(site, self._defended[site]))
-        self.compute("client", flops)
-        return grad_features
+        return self._counted(self.defense.gradient(grad_features, self._key(site, self._defended[site])))
+
+    def defend_upload(self, site, model):
+        """What client `site` uploads of `model` for averaging: under differential privacy (`privacy.Defense`)
+        its update since the round began clipped and noised, its cost counted; else its state dict."""
+        return self._counted(self.defense.update(model.state_dict(), self._round_starts.get(id(model)), self._key(site, 0)))
 
     def deploy(self, client_sides=None, server_sides=None):
         """What each site deploys, from its own side of the model (`client_sides`: its client part, or FedAvg's
@@ -280,10 +291,7 @@ class Run:
         for observer in self.observers:
             observer.round_ended(self, entry, deployed)
         if self.cfg["log"]:
-            auroc_text = "-" if entry["auroc"] is None else f"{entry['auroc']:.3f}"
-            loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
-            self.cfg["log"](f"{self.scheme} round {entry['round']}/{self.num_rounds} loss {loss} auroc {auroc_text} "
-                            f"elapsed {self.seconds:.1f}s")
+            self.cfg["log"](progress(self.scheme, entry, self.num_rounds))
 
     def result(self, deployed):
         """The run's numbers and each site's `deployed` model (from `deploy`), with what the observers add (a
@@ -338,6 +346,12 @@ class Run:
 
     def _key(self, site, batch):
         return self.cfg["seed"], site, len(self.history), batch
+
+    def _counted(self, defended):
+        sent, flops = defended  # what a defense sends, and its client FLOPs
+        if flops:
+            self.compute("client", flops)
+        return sent
 
     def _round_loss(self):
         """The round's mean training loss, over every process of the run where it has several."""
@@ -399,6 +413,13 @@ def refreshed(copies, key, model):
     else:
         copies[key].load_state_dict(model.state_dict())
     return copies[key]
+
+
+def progress(scheme, entry, num_rounds):
+    """A round's line of progress: "sfv1 round 2/5 loss 0.5223 auroc 0.830 elapsed 7.5s"."""
+    loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
+    score = "-" if entry["auroc"] is None else f"{entry['auroc']:.3f}"
+    return f"{scheme} round {entry['round']}/{num_rounds} loss {loss} auroc {score} elapsed {entry['seconds']:.1f}s"
 
 
 def forward(side, inputs):

@@ -33,9 +33,10 @@ def fedavg(state_dicts, num_examples):
 def average_models(run, models, num_examples, over_network=True):
     """FedAvg in place: every copy gets the weighted average of all copies' weights (its optimizer keeps
     its state). `over_network`: copy k sits at client k, which uploads its weights and downloads the average."""
-    state_dicts = [model.state_dict() for model in models]
-    if over_network:
-        state_dicts = [run.send(site, "aggregator", state_dict) for site, state_dict in enumerate(state_dicts)]
+    if over_network:  # each client uploads its weights (under differential privacy, clipped and noised)
+        state_dicts = [run.send(site, "aggregator", run.defend_upload(site, model)) for site, model in enumerate(models)]
+    else:
+        state_dicts = [model.state_dict() for model in models]
     average = fedavg(state_dicts, num_examples)
     run.compute("aggregator", 2 * len(models) * sum(t.numel() for t in average.values()))  # a multiply, an add
     for site, model in enumerate(models):

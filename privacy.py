@@ -16,6 +16,7 @@ label-private client returns. Every measure above takes the defense, so that it 
 actually receives.
 """
 import copy
+import math
 import statistics
 
 import numpy as np
@@ -122,30 +123,44 @@ class _NoPeek(torch.autograd.Function):
 
 
 class Defense:
-    """What a client does so that the server learns less; each runs in the client's own process, and strength 0
-    is no defense at all (bit for bit the undefended run).
+    """What a client does so that the server or the aggregator learns less; each runs in the client's own
+    process, and strength 0 is no defense at all (bit for bit the undefended run).
 
     nopeek (alpha): the client trains on loss + alpha * `nopeek_penalty(images, activations)` per mini-batch
         (Vepakomma et al. 2020); the server's step is unchanged.
     noise (sigma): the client adds Gaussian noise of standard deviation sigma times the batch's own standard
-        deviation to the activations it sends, and trains on what it sent.
+        deviation to the activations it sends, and trains on what it sent. No ε: nothing bounds what one
+        image contributes.
     gradient_noise (sigma): a label-private client does the same to the gradient of the pooled features it
         returns (against the label attacks of `label_leak`).
+    dp (sigma), with `clip` and `delta`: client-level differential privacy for what a client uploads for
+        averaging (McMahan et al. 2018, at the client): its update since the round began (every floating-point
+        number of its state dict, weights and BatchNorm statistics) clipped to L2 norm `clip`, plus Gaussian
+        noise of standard deviation sigma x clip (`update`); ε at `delta` from `epsilon`. clip None: unbounded.
     The noise is drawn on the CPU from a generator seeded by the key (seed, site, round, batch), so one run
     gives the same noise on any device and in any process.
     """
 
-    NAMES = ("nopeek", "noise", "gradient-noise")
+    NAMES = ("nopeek", "noise", "gradient-noise", "dp")
 
-    def __init__(self, nopeek=0.0, noise=0.0, gradient_noise=0.0):
-        self.nopeek, self.noise, self.gradient_noise = float(nopeek), float(noise), float(gradient_noise)
+    def __init__(self, nopeek=0.0, noise=0.0, gradient_noise=0.0, dp=0.0, clip=None, delta=1e-5):
+        self.nopeek, self.noise, self.gradient_noise, self.dp = float(nopeek), float(noise), float(gradient_noise), float(dp)
+        self.clip, self.delta = (None if clip is None or math.isinf(clip) else float(clip)), float(delta)
+        if self.dp and self.clip is None:
+            raise ValueError("dp noise is sigma x clip: it needs a finite clip")
 
     def __str__(self):
-        strengths = zip(self.NAMES, (self.nopeek, self.noise, self.gradient_noise))
-        return "+".join(f"{name}:{strength:g}" for name, strength in strengths if strength) or "none"
+        strengths = zip(self.NAMES, (self.nopeek, self.noise, self.gradient_noise, self.dp))
+        named = [f"{name}:{strength:g}" for name, strength in strengths if strength]
+        return "+".join(named + ([f"clip:{self.clip:g}"] if self.clip is not None else [])) or "none"
 
     def __bool__(self):
-        return bool(self.nopeek or self.noise or self.gradient_noise)
+        return bool(self.nopeek or self.noise or self.gradient_noise or self.protects_uploads)
+
+    @property
+    def protects_uploads(self):
+        """Whether what a client uploads for averaging is changed (clipped, noised)."""
+        return self.clip is not None
 
     def activations(self, images, activations, key):
         """What the client sends for a batch it computed `activations` for, and the FLOPs this cost it."""
@@ -165,6 +180,28 @@ class Defense:
             return gradient, 0
         return self.noisy(gradient, self.gradient_noise, key, stream=3), NOISE_FLOPS * gradient.numel()
 
+    def update(self, state, start, key):
+        """What a client uploads for averaging, from its `state` (a state dict) and `start` (the same at the
+        round's start), and the FLOPs this cost it: start + its update clipped to norm `clip`, plus noise of
+        standard deviation dp x clip on every number. Integer buffers (counts of batches) go as they are.
+        Without this defense: `state` itself, at no cost."""
+        if not self.protects_uploads:
+            return state, 0
+        keys = [key_ for key_, value in state.items() if value.is_floating_point()]
+        flops = DP_FLOPS * sum(state[name].numel() for name in keys)
+        if state[keys[0]].is_meta:  # a copy another process holds: the shapes travel, and the same cost is counted
+            return state, flops
+        updates = [state[name].double() - start[name].double() for name in keys]
+        norm = float(torch.sqrt(sum(update.square().sum() for update in updates)))
+        scale = min(1.0, self.clip / norm) if self.clip is not None and norm > 0 else 1.0
+        seed = np.random.SeedSequence([int(part) for part in key], spawn_key=(5,)).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        uploaded = dict(state)
+        for name, update in zip(keys, updates):
+            noise = torch.randn(update.shape, generator=generator, dtype=torch.float64).to(update.device) * self.dp * (self.clip or 0)
+            uploaded[name] = (start[name].double() + update * scale + noise).to(state[name].dtype)
+        return uploaded, flops
+
     @staticmethod
     def noisy(tensor, sigma, key, stream):
         """`tensor` plus Gaussian noise of standard deviation sigma x its own, seeded by `key` (`stream` keeps
@@ -175,6 +212,22 @@ class Defense:
         noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(int(seed)))
         scale = sigma * tensor.detach().float().std()
         return (tensor.float() + scale * noise.to(tensor.device)).to(tensor.dtype)
+
+
+DP_FLOPS = 6  # per uploaded number: the update (1), its share of the norm (2), the clip (1), the noise (1), the start (1)
+RDP_ORDERS = [1 + x / 10 for x in range(1, 100)] + list(range(12, 64))  # Rényi orders, as Opacus's RDP accountant
+
+
+def epsilon(sigma, rounds, delta, orders=RDP_ORDERS):
+    """ε at `delta` of a client's uploads over `rounds` rounds, each the Gaussian mechanism with noise multiplier
+    `sigma` on an update clipped to the noise's scale, every round (sample rate 1), under add/remove adjacency
+    of the site's data: Rényi DP alpha / (2 sigma²) per round at each order alpha (Mironov 2017), composed by
+    adding, then converted to (ε, δ) as Opacus converts it (Balle et al. 2020), the best order kept. None (no
+    guarantee) without noise."""
+    if not sigma:
+        return None
+    return min(rounds * alpha / (2 * sigma ** 2) + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+               for alpha in orders)
 
 
 @torch.no_grad()

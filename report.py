@@ -109,6 +109,11 @@ def add_ratios(rows):
 
 
 def privacy_cell(row):
+    """`dcor_cell`, and ε where the row has one."""
+    return dcor_cell(row) + (f", ε {epsilon_cell(row)}" if row.get("epsilon") is not None else "")
+
+
+def dcor_cell(row):
     """dCor² at the cut, mean over sites, with the shuffled pairs' value; or what the scheme sends instead;
     "failed" when the measurement failed (the row's "failed" says why)."""
     found = row.get("privacy")
@@ -119,6 +124,11 @@ def privacy_cell(row):
     if "dcor" not in found:
         return found["sends"]
     return f"{statistics.mean(found['dcor']):.2f} ({statistics.mean(found['dcor_shuffled']):.2f})"
+
+
+def epsilon_cell(row):
+    """ε of a row's client-level differential privacy at its δ, or "-" (no guarantee)."""
+    return "-" if row.get("epsilon") is None else f"{row['epsilon']:.3g} (δ {row['delta']:g})"
 
 
 def privacy_table(rows):
@@ -142,7 +152,7 @@ def tradeoff_table(rows):
     """--tradeoff: per scheme and defense, AUROC against what the server can learn (each measure in its worst
     round, named after it), and what the defense costs (client FLOPs, bytes, wall time)."""
     lines = [["scheme", "defense", "AUROC [95% CI]", "dCor² (shuf.)", "SSIM-floor", "PSNR-floor", "leak norm/cos",
-              "worst rounds", "client FLOP", "bytes", "wall s"]]
+              "worst rounds", "ε (δ)", "client FLOP", "bytes", "wall s"]]
     for label in dict.fromkeys(map(name, rows)):
         done = [row for row in rows if name(row) == label and not row.get("error")]
         if not done:
@@ -152,12 +162,12 @@ def tradeoff_table(rows):
         found, failed = first.get("privacy", {}), first.get("failed", {})
         attack, leak = found.get("attack"), found.get("label_leak")
         missing = lambda what: "failed" if what in failed else "-"
-        lines.append([first["scheme"], first.get("defense", "none"), auroc_cell(done), privacy_cell(first),
+        lines.append([first["scheme"], first.get("defense", "none"), auroc_cell(done), dcor_cell(first),
                       f"{attack['ssim'] - attack['ssim_floor']:+.3f}" if attack else missing("attack"),
                       f"{attack['psnr'] - attack['psnr_floor']:+.2f}" if attack else missing("attack"),
                       "/".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))
                       if leak else missing("label leak"),
-                      "/".join(str(r) for r in found.get("worst_round", {}).values()) or "-",
+                      "/".join(str(r) for r in found.get("worst_round", {}).values()) or "-", epsilon_cell(first),
                       human(first["flops"]["client"]), human(sum(first["bytes"].values()), "B"),
                       mean_std([row["seconds"] for row in done], 1)])
     return align(lines)
@@ -290,7 +300,8 @@ def write_outputs(rows, args):
         columns = (["scheme", "defense", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
                     "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
-                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "error", "failed"])
+                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "epsilon", "delta",
+                      "error", "failed"])
         with open(args.csv, "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(columns)
@@ -305,5 +316,6 @@ def write_outputs(rows, args):
                                 + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"),
                                    row.get("privacy", {}).get("labels_leave"),
                                    *(statistics.mean(row["privacy"][key]) if "dcor" in row.get("privacy", {}) else None
-                                     for key in ("dcor", "dcor_shuffled")), row.get("error"),
+                                     for key in ("dcor", "dcor_shuffled")), row.get("epsilon"), row.get("delta"),
+                                   row.get("error"),
                                    "; ".join(f"{what}: {cause}" for what, cause in row.get("failed", {}).items()) or None])

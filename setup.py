@@ -9,6 +9,6 @@ setup(
                 "bench"],
     python_requires=">=3.10",
     install_requires=["torch", "torchvision", "numpy", "pillow"],
-    extras_require={"test": ["pytest", "scikit-learn"], "plot": ["matplotlib"],
+    extras_require={"test": ["pytest", "scikit-learn", "opacus"], "plot": ["matplotlib"],
                     "dicom": ["pydicom>=3"]},
 )

@@ -504,3 +504,13 @@ def test_gradient_inversion_reconstructs_one_image_in_the_dlg_setting():
     other = privacy.invert_gradient(net, gradients, 1 - label, (1, 32, 32), steps=200)  # the wrong label
     assert float(privacy.ssim(other, image)) < float(privacy.ssim(reconstructed, image))
     assert all(torch.equal(value, before[key]) for key, value in net.state_dict().items())  # the model untouched
+
+
+def test_epsilon_of_client_level_dp_is_opacus_rdp_accountants():
+    """The Gaussian mechanism at sample rate 1, composed over the rounds, as Opacus's RDP accountant computes it."""
+    accountants = pytest.importorskip("opacus.accountants")
+    for sigma, rounds, delta in [(1.0, 5, 1e-5), (0.5, 20, 1e-5), (2.0, 100, 1e-6), (10.0, 3, 1e-3), (0.01, 5, 1e-5)]:
+        accountant = accountants.RDPAccountant()
+        accountant.history = [(sigma, 1.0, rounds)]  # (noise multiplier, sample rate, steps)
+        assert privacy.epsilon(sigma, rounds, delta) == pytest.approx(accountant.get_epsilon(delta), rel=0.01)
+    assert privacy.epsilon(0, 5, 1e-5) is None  # no noise: no guarantee

@@ -216,8 +216,11 @@ def test_costs_only_at_paper_scale_with_bf16_halves_activations():
     (["--lr", "nan"], "--lr"), (["--site-sizes", "3,40"], "at least 8"), (["--bn", "running"], "--bn"),
     (["--profile", "--costs-only"], "--profile"), (["--defense", "blur:1"], "blur"), (["--defense", "noise:-1"], "--defense"),
     (["--defense", "noise:0.3", "--schemes", "central,sl-client"], "central"),
-    (["--defense", "gradient-noise:0.1"], "--label-private"), (["--tradeoff", "--schemes", "fedavg"], "fedavg"),
+    (["--defense", "gradient-noise:0.1"], "--label-private"), (["--tradeoff", "--schemes", "central"], "no defense applies to central"),
     (["--distributed", "--max-restarts", "2"], "needs --distributed and --save DIR"),
+    (["--defense", "dp:1", "--schemes", "central,fedavg"], "--defense dp is for fedavg,sfv1,sfv2, not central"),
+    (["--defense", "dp:1", "--clip", "inf"], "needs a finite --clip"), (["--clip", "-1"], "--clip"),
+    (["--defense", "nopeek:1", "--defense", "dp:1", "--schemes", "fedavg"], "--defense nopeek is for"),
 ])
 def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import densenet_split as ds
+import fedlearn
 import privacy
+import report
 import splitfed
 import splitlearn
 from common import Observer, batch_bounds
@@ -208,3 +210,71 @@ def test_tradeoff_plot(tmp_path):
     pytest.importorskip("matplotlib")
     bench.main(TINY + ["--tradeoff", "--defense", "noise:1", "--plot", str(tmp_path / "tradeoff.png")])
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Client-level differential privacy (--defense dp:SIGMA --clip NORM --delta D)
+
+def test_a_dp_update_is_its_start_plus_the_update_clipped_plus_seeded_noise_of_sigma_times_the_clip():
+    torch.manual_seed(0)
+    start = {"w": torch.randn(300), "b": torch.randn(20), "bn.num_batches_tracked": torch.tensor(7)}
+    state = {"w": start["w"] + 3 * torch.randn(300), "b": start["b"] + torch.randn(20), "bn.num_batches_tracked": torch.tensor(9)}
+    change = lambda uploaded: torch.cat([uploaded[key] - start[key] for key in ("w", "b")]).double()
+    clipped, flops = privacy.Defense(dp=0, clip=2.0).update(state, start, key=(0, 1, 2, 0))
+    assert change(clipped).norm() == pytest.approx(2.0, rel=1e-5) and flops == privacy.DP_FLOPS * 320
+    assert torch.allclose(change(clipped), change(state) * 2 / change(state).norm(), atol=1e-5)  # the same direction
+    assert clipped["bn.num_batches_tracked"] == 9  # a count travels as it is
+    unclipped, _ = privacy.Defense(dp=0, clip=1e6).update(state, start, key=(0, 1, 2, 0))
+    assert all(torch.equal(unclipped[key], state[key]) for key in state)  # under the clip: the state itself
+    noisy, _ = privacy.Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 1, 2, 0))
+    noise = change(noisy) - change(clipped)
+    assert noise.std() == pytest.approx(0.5 * 2.0, rel=0.15) and abs(noise.mean()) < 0.2
+    again, _ = privacy.Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 1, 2, 0))
+    other, _ = privacy.Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 2, 2, 0))
+    assert torch.equal(again["w"], noisy["w"]) and not torch.equal(other["w"], noisy["w"])  # seeded by the key
+
+
+class Uploads(Observer):
+    """What the aggregator receives from each client, and what it sends back."""
+
+    def __init__(self):
+        self.received, self.sent_back = [], []
+
+    def sent(self, run, source, destination, link, objects):
+        if link == "client->aggregator":
+            self.received.append((len(run.history), source, {k: v.clone() for k, v in objects[0].items()}))
+        if link == "aggregator->client":
+            self.sent_back.append((len(run.history), destination, {k: v.clone() for k, v in objects[0].items()}))
+
+
+def test_under_dp_the_aggregator_receives_updates_within_the_clip_and_epsilon_is_reported(three_sites):
+    uploads = Uploads()
+    start = dict(nn.Sequential(*fresh_split()).state_dict())
+    result = fedlearn.train(nn.Sequential(*fresh_split()), *three_sites, observers=[uploads],
+                            defense=privacy.Defense(dp=0, clip=5.0), **dict(FAST, rounds=2))
+    for round, site, state in uploads.received:  # each round's start: the initial weights, then the average sent
+        begun = start if round == 0 else next(s for r, d, s in uploads.sent_back if r == round - 1 and d == site)
+        update = torch.sqrt(sum((state[k].double() - begun[k].double()).square().sum() for k in state
+                                if state[k].is_floating_point()))
+        assert update <= 5.0 * (1 + 1e-6), (round, site, float(update))
+    plain = fedlearn.train(nn.Sequential(*fresh_split()), *three_sites, **dict(FAST, rounds=2))
+    numbers = sum(v.numel() for v in start.values() if v.is_floating_point())
+    assert result["flops"]["client"] - plain["flops"]["client"] == 2 * 3 * privacy.DP_FLOPS * numbers
+    rows = bench.main(TINY + ["--schemes", "fedavg,sfv1", "--defense", "dp:1", "--clip", "3", "--delta", "1e-6"])
+    assert [row["defense"] for row in rows] == ["dp:1+clip:3"] * 2
+    assert all(row["epsilon"] == privacy.epsilon(1.0, 1, 1e-6) and row["delta"] == 1e-6 for row in rows)
+
+
+def test_dp_zero_with_an_unbounded_clip_is_the_undefended_run_bit_for_bit(tmp_path):
+    runs = {name: bench.main(TINY + ["--schemes", "fedavg,sfv2", "--rounds", "2", "--save", str(tmp_path / name)] + extra)
+            for name, extra in (("plain", []), ("unbounded", ["--defense", "dp:0", "--clip", "inf"]),
+                                ("far", ["--defense", "dp:0", "--clip", "1e30"]))}  # (the clipping path, never binding)
+    for name in ("unbounded", "far"):
+        for plain, zero in zip(runs["plain"], runs[name]):
+            for key in ("loss", "auroc", "site_auroc", "bytes"):  # (the finite clip's work is counted in FLOPs)
+                assert plain[key] == zero[key], (name, key)
+            assert [e["loss"] for e in plain["history"]] == [e["loss"] for e in zero["history"]]
+            folder = report.folder_name(zero)
+            for site in range(2):
+                saved = [torch.load(tmp_path / where / f / f"site-{site}.pt", weights_only=True)
+                         for where, f in (("plain", report.folder_name(plain)), (name, folder))]
+                assert all(torch.equal(v, saved[1]["client"][k]) for k, v in saved[0]["client"].items()), (name, site)
