@@ -249,9 +249,9 @@ def parse_args(argv):
         parser.error("--profile times training; it cannot go with --costs-only")
     if args.costs_only and (args.attack or args.cuts_sweep):
         parser.error("--attack and --cuts-sweep need trained models; --costs-only trains none")
-    if args.distributed and (args.label_private or args.attack or args.cuts_sweep):
-        parser.error("--distributed runs the schemes as they are: --label-private, --attack and --cuts-sweep "
-                     "run in the simulation")
+    if args.distributed and (args.label_private or args.cuts_sweep):
+        parser.error("--distributed runs the schemes as they are: --label-private and --cuts-sweep run in the "
+                     "simulation")
     if args.resume:
         if args.save and os.path.abspath(args.save) != os.path.abspath(args.resume):
             parser.error(f"--resume {args.resume} saves where it resumes; --save {args.save} is elsewhere")
@@ -370,15 +370,16 @@ class Profile(Observer):
 
 
 class Privacy(Observer):
-    """What a split scheme's server could learn from each round, measured after it (untimed) from each site's
-    deployed model into the round's entry of the history (`what_the_server_sees`)."""
+    """What each party could learn from each round, measured after it (untimed) from what it received
+    (`privacy.measure` on the `recorder`'s record), into the round's entry of the history."""
 
-    def __init__(self, train_sets, args, defense, failed, say):
-        self.train_sets, self.args, self.defense, self.failed, self.say = train_sets, args, defense, failed, say
+    def __init__(self, recorder, args, failed, say):
+        self.recorder, self.args, self.failed, self.say = recorder, args, failed, say
 
     def round_ended(self, run, entry, deployed):
-        entry["privacy"] = what_the_server_sees(entry["round"] - 1, deployed, self.train_sets, self.args, self.defense,
-                                                self.failed, self.say)
+        found, leak = privacy.measure(run, self.recorder, deployed, self.args.attack_steps if self.args.attack else 0,
+                                      lambda what, function: attempt(what, function, self.failed, self.say))
+        entry["privacy"] = dict(found, leak=leak)
 
 
 class Estimate:
@@ -461,39 +462,9 @@ def attempt(what, function, failed, say):
         return None
 
 
-def what_the_server_sees(round, models, train_sets, args, defense, failed, say):
-    """What a split scheme's server could learn from one round, as it received it (the defense's noise on
-    the activations and gradients, bf16 under --bf16; `models`: each site's model at the round's end): how
-    much of each site's training images the activations it sends still carry (dCor², and shuffled pairs: 0
-    means nothing); with --attack a reconstruction of site 0's images by a server that knows site 1's images
-    and the activations site 1 sends for them (through the client part site 1 holds: site 0's own in split
-    learning and after SplitFed v1/v2's averaging, another one in SplitFed v3); with --label-private the
-    label leak. Each measurement that fails is noted in `failed` and the others go on."""
-    found = {}
-    leaks = attempt("dCor²", lambda: [privacy.leakage(model[0], train_set.images, args.batch_size, defense=defense,
-                                                      bf16=args.bf16) for model, train_set in zip(models, train_sets)],
-                    failed, say)
-    if leaks:
-        found.update(dcor=[leak["dcor"] for leak in leaks], dcor_shuffled=[leak["dcor_shuffled"] for leak in leaks])
-    if args.attack and len(train_sets) > 1:
-        say(f"reconstruction attack at {args.cut} after round {round + 1}", flush=True)
-        attack = attempt("attack", lambda: privacy.reconstruction_attack(
-            models[0][0], train_sets[1].images, train_sets[0].images, args.batch_size, args.attack_steps,
-            attacker_model=models[1][0], defense=defense, bf16=args.bf16), failed, say)
-        if attack:
-            found["attack"] = attack
-    if args.label_private:
-        leak = attempt("label leak", lambda: [
-            privacy.label_leak(model[0], model[1], train_set.images, train_set.labels, args.batch_size, defense)
-            for model, train_set in zip(models, train_sets)], failed, say)
-        if leak:
-            found["label_leak"] = leak
-    return found
-
-
 def what_the_server_learns(scheme, history, args):
     """A scheme's privacy: what leaves a site, whether labels do, and for the split schemes each measure of
-    `what_the_server_sees` in the round it was worst (the earliest of equals), with that round in
+    `Privacy` in the round it was worst (the earliest of equals), with that round in
     "worst_round": an early, barely trained client part may tell more than the last."""
     found = dict(sends=SENDS.get(scheme, "activations"),
                  labels_leave=scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private))
@@ -506,6 +477,12 @@ def what_the_server_learns(scheme, history, args):
                 found["dcor_shuffled"] = worst["privacy"]["dcor_shuffled"]
             found.setdefault("worst_round", {})[key] = worst["round"]
     return found
+
+
+def leak_of(history):
+    """A row's "leak" and "leak_worst" (`privacy.worst_leaks`)."""
+    lines, worst = privacy.worst_leaks(history)
+    return dict(leak=lines, leak_worst=worst)
 
 
 def defenses(args, scheme):
@@ -735,8 +712,9 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
         return (finished[scheme, seed, row["defense"]], None,
                 load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt")) if sweeps else None)
     observers = []
-    if scheme in SPLIT_SCHEMES and not (args.costs_only or transport):
-        observers.append(Privacy(sites[0], args, defense, failed, row_say))
+    if not args.costs_only:  # what each party receives, recorded as it arrives, then measured after each round
+        recorder = privacy.Recorder(sites[0], args.batch_size, seed)
+        observers += [recorder, Privacy(recorder, args, failed, row_say)]
     if args.save:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`), or each party's own
         observers.append(Checkpoint(fresh_checkpoint(row, args, rank if transport else None), transport))
     progress = lambda line, **options: (say(line, **options), estimate.round_ended())
@@ -761,7 +739,7 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
     if args.save and rank == 0:
         attempt("save", lambda: report.save_models(models, row, sites[0], args, args.label_private
                                                    and scheme in SPLIT_SCHEMES), failed, row_say)
-    row["privacy"] = what_the_server_learns(scheme, row["history"], args)
+    row.update(privacy=what_the_server_learns(scheme, row["history"], args), **leak_of(row["history"]))
     if failed:
         row["failed"] = failed
     estimate.job_ended()
@@ -804,6 +782,9 @@ def print_tables(rows, args, transport):
         print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
               "the attacker site 1):")
         print(report.privacy_table(rows))
+        print("\nwho could learn what (each attacker in the round it learnt most; SSIM of its reconstructions of the "
+              "victim's\nimages and, in brackets, of its prior alone; gain: (SSIM - floor) / (1 - floor)):")
+        print(report.leak_table(rows))
 
 
 def sweep_cuts(scheme, model, train_sets, args, failed, say):

@@ -181,8 +181,7 @@ class Run:
         device (a cost-only run) stay there, as do their labels."""
         images, labels = tensors(dataset)
         if shuffle:
-            seed = np.random.SeedSequence([self.cfg["seed"], site, round]).generate_state(1)[0]
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed)))
+            order = shuffled(self.cfg["seed"], site, round, len(labels))
             images, labels = images[order], labels[order]  # one gather per round; batches below are views
         if self.cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -575,6 +574,12 @@ def auroc_interval(scores, labels, level=0.95, num_resamples=2000, seed=0):
 def one_line(error):
     """An exception as one line: its type and the first line of its message."""
     return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+
+def shuffled(seed, site, round, num_examples):
+    """The order of a site's examples in a round (`Run.batches`): a permutation drawn from (seed, site, round)."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, site, round]).generate_state(1)[0]))
+    return torch.randperm(num_examples, generator=generator)
 
 
 def batch_bounds(num_examples, batch_size):

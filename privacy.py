@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import auroc, batch_bounds, to_model
+from common import Observer, auroc, batch_bounds, is_label_private, shuffled, to_model, unwrap
 from densenet_split import CUTS, merge, split_model
 
 
@@ -248,9 +248,14 @@ def sent_activations(client_model, images, batch_size, defense=None, bf16=False,
 
 
 def leakage(client_model, images, batch_size, seed=0, defense=None, bf16=False):
-    """dCor² between a site's images and the activations it sends, and with the pairs shuffled."""
-    a = u_centred_distances(images)
-    b = u_centred_distances(sent_activations(client_model, images, batch_size, defense, bf16, key=(seed,)))
+    """`dependence` of a site's images and the activations `client_model` sends for them (`sent_activations`)."""
+    return dependence(images, sent_activations(client_model, images, batch_size, defense, bf16, key=(seed,)), seed)
+
+
+def dependence(images, activations, seed=0):
+    """dCor² between images and the activations sent for them (pairs in order), and with the pairs shuffled
+    (seeded): the value that means nothing."""
+    a, b = u_centred_distances(images), u_centred_distances(activations)
     shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return dict(dcor=_dcor(a, b), dcor_shuffled=_dcor(a, b[shuffled][:, shuffled]))
 
@@ -320,10 +325,20 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
     their own size; larger than 64 px, a 64 x 64 target). Returns SSIM and PSNR of the reconstructions and
     of the floor: the attacker's mean image offered as every victim image.
     """
-    size = target_size or min(attacker_images.shape[-1], 64)
     known, victim = (sent_activations(model, images, batch_size, defense, bf16, key=(seed, index))
                      for index, (model, images) in enumerate(((attacker_model or client_model, attacker_images),
                                                               (client_model, victim_images))))
+    return decode(known, attacker_images, victim, victim_images, steps, target_size, seed)
+
+
+def decode(known, attacker_images, victim, victim_images, steps=1000, target_size=None, seed=0):
+    """He, Zhang and Lee's black-box attack on activations as the attacker received them: `Decoder` trained with
+    Adam for `steps` steps on the pairs it knows (`known` activations of `attacker_images`), then applied to the
+    victim's activations (`victim`) and compared with `victim_images` at `target_size` (default: their own
+    size; larger than 64 px, 64 x 64). Returns SSIM and PSNR of the reconstructions, and of the floor: the
+    attacker's mean image offered as every victim image."""
+    size = target_size or min(attacker_images.shape[-1], 64)
+    known, victim = known.float(), victim.float()
     shrink = lambda images: F.interpolate(images.float(), size=(size, size), mode="area").to(known.device)
     known_images, victim_images = shrink(attacker_images), shrink(victim_images)
     mean_image = known_images.mean(0, keepdim=True)
@@ -340,13 +355,10 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
         optimizer.step()
     with torch.no_grad():
         reconstructed = decoder.eval()(victim)
-    floor = mean_image.expand_as(victim_images)
-    return dict(ssim=float(ssim(reconstructed, victim_images).mean()), psnr=float(psnr(reconstructed, victim_images).mean()),
-                ssim_floor=float(ssim(floor, victim_images).mean()), psnr_floor=float(psnr(floor, victim_images).mean()),
-                target_size=size, steps=steps)
+    return dict(compared(reconstructed, victim_images, known_images, size), steps=steps)
 
 
-def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, restarts=1, lr=0.1, tv=1e-4):
+def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, restarts=1, lr=0.1, tv=1e-4, start=None):
     """Images in [0, 1], shape (N, *image_shape), whose gradient of the package's loss (BCE with logits on one
     logit, mean over the batch) with respect to `model.parameters()`, in that order, matches `gradients`: what
     a party that holds the model and receives a gradient (or an update) can reconstruct of the images behind it.
@@ -355,7 +367,9 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
     all parameters at once (blind to the update's scale, which a learning rate or Adam's normalisation sets);
     Adam (`lr`) on images parameterised by a sigmoid, so that they stay in [0, 1], its rate divided by ten at
     3/8, 5/8 and 7/8 of `steps`; a total-variation prior of weight `tv`; `restarts` random starts (seeded by
-    `seed`), of which the one whose gradient matches best is kept. `labels` (N floats) are known to the
+    `seed`; `start`: images to begin from instead, such as the attacker's prior, each a little apart), of which the
+    one whose gradient
+    matches best is kept. `labels` (N floats) are known to the
     attacker (`label_leak` and the label counts say how far that holds). The model runs as it is (a client's
     in train mode normalises by the batch, as its training did), on a copy: its weights and statistics are
     untouched."""
@@ -363,11 +377,14 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
     weights = list(model.parameters())
     target = [to_model(gradient, model) for gradient in gradients]
     target_norm = torch.sqrt(sum(gradient.double().square().sum() for gradient in target))
-    labels = to_model(torch.as_tensor(labels, dtype=torch.float32), model)
+    labels = torch.as_tensor(labels, dtype=torch.float32).to(next(model.parameters()).device)
     generator = torch.Generator().manual_seed(seed)
     best = None
     for _ in range(restarts):
-        logits = torch.randn(len(labels), *image_shape, generator=generator).to(labels.device).requires_grad_()
+        noise = torch.randn(len(labels), *image_shape, generator=generator)
+        # (from `start`, a little noise apart: identical images in a batch give BatchNorm no variance to divide by)
+        logits = noise if start is None else torch.logit(start.float().cpu(), eps=1e-3) + 0.1 * noise
+        logits = logits.to(labels.device).requires_grad_()
         optimizer = torch.optim.Adam([logits], lr=lr)
         decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps * 3 // 8, steps * 5 // 8, steps * 7 // 8], 0.1)
 
@@ -414,18 +431,255 @@ def label_leak(client_model, server_model, images, labels, batch_size, defense=N
         logits = client_model.head(features).squeeze(1)
         F.binary_cross_entropy_with_logits(logits, labels[start:end].to(logits)).backward()
         grad_features = defense.gradient(features.grad, (start,))[0] if defense else features.grad
-        gradients.append(grad_features.double().cpu())
-    gradients = torch.cat(gradients)
+        gradients.append(grad_features)
+    return label_attacks(torch.cat(gradients), labels)
+
+
+def label_attacks(gradients, labels):
+    """The norm and cosine label attacks (`label_leak`) on returned gradients of the pooled features, one row per
+    image, as the server received them."""
+    gradients, labels = gradients.double().cpu(), torch.as_tensor(labels).cpu()
     cosine = auroc(F.cosine_similarity(gradients, gradients[:1], dim=1), labels)
     return dict(norm_auroc=auroc(gradients.norm(dim=1), labels),
                 cosine_auroc=None if cosine is None else max(cosine, 1 - cosine))
 
 
-# How much each measure of one round says the server learnt (more is worse): dCor² (mean over sites), the
+def whitebox_attack(client_model, activations, victim_images, attacker_images, batch_size, steps=1000, seed=0):
+    """A server that holds the victim's client part as well (an aggregator in the same process) inverts the
+    activations it received through the victim's own weights: `decode`, its decoder trained on the attacker's
+    images passed through `client_model` (the weights the victim uploaded, as training runs them: train mode,
+    its batch size), where the server alone trains through another client's copy. (An inversion by optimising
+    images to match the activations, He et al.'s rMLE, fell from the prior's SSIM 0.703 to 0.676 at the default
+    cut in a trial: these activations are no easy inverse problem.)"""
+    known = sent_activations(client_model, attacker_images, batch_size, key=(seed, 2))
+    return decode(known, attacker_images, activations, victim_images, steps, seed=seed)
+
+
+def compared(reconstructed, victim_images, attacker_images, size=None):
+    """SSIM and PSNR of reconstructions against the victim's images, and of the floor: the attacker's mean image
+    (of `attacker_images`) offered as every victim image; at `size` (default: theirs, at most 64 px)."""
+    size = size or min(victim_images.shape[-1], 64)
+    shrink = lambda images: F.interpolate(images.float().cpu(), size=(size, size), mode="area")
+    reconstructed, victim_images = shrink(reconstructed), shrink(victim_images)
+    floor = shrink(attacker_images).mean(0, keepdim=True).expand_as(victim_images)
+    return dict(ssim=float(ssim(reconstructed, victim_images).mean()), psnr=float(psnr(reconstructed, victim_images).mean()),
+                ssim_floor=float(ssim(floor, victim_images).mean()), psnr_floor=float(psnr(floor, victim_images).mean()),
+                target_size=size)
+
+
+class Recorder(Observer):
+    """What each party receives in a round, as it arrived (after any defense), for the measures of what it could
+    learn (`measure`): nothing is computed again. Kept, each round: the activations the server receives from a
+    seeded sample of each site's batches, at most `keep` images a site (every training image at the default
+    sizes), with the indices of the images behind them; for the same batches, the gradients of the pooled
+    features a label-private client returns; the images central's server receives (once); what the victim, site
+    0, uploads for averaging, and its copy's state when the round began; what a peer client receives from the
+    victim in a hand-off. Under a transport every process records the same schedule: real tensors where its
+    party received them, shape-only placeholders elsewhere (`measure` brings them to the server's process)."""
+
+    def __init__(self, train_sets, batch_size, seed=0, keep=256):
+        self.train_sets, self.batch_size, self.seed, self.keep = train_sets, batch_size, seed, keep
+        self.state, self.images, self.start = (), {}, None
+        self.activations, self.gradients, self.counts, self.upload, self.handoff = {}, {}, {}, None, None
+
+    def started(self, run, state):
+        self.state = state  # its first entry: site 0's copy of what it trains (every loop registers it first)
+
+    def round_started(self, run):
+        self.activations, self.gradients, self.counts, self.upload, self.handoff = {}, {}, {}, None, None
+        first = self.state[0] if self.state and isinstance(self.state[0], nn.Module) else None
+        self.start = None if first is None else {key: value.detach().clone() for key, value in first.state_dict().items()}
+
+    def sent(self, run, source, destination, link, objects):
+        if link == "client->server" and run.scheme == "central":
+            self.images[source] = objects[0]
+        elif link == "client->server" and objects[0].dim() in (2, 4):  # activations, or returned feature gradients
+            record = self.activations if objects[0].dim() == 4 else self.gradients
+            batch = self.counts[source, objects[0].dim()] = self.counts.get((source, objects[0].dim()), -1) + 1
+            indices = self.sampled(source, len(run.history)).get(batch)
+            if indices is not None:
+                record.setdefault(source, []).append((indices, objects[0].detach()))
+        elif link == "client->aggregator" and source == 0:
+            self.upload = {key: value.detach().clone() for key, value in objects[0].items()}
+        elif link == "client->client" and source == 0 and self.handoff is None:
+            self.handoff = destination, {key: value.detach().clone() for key, value in objects[0].items()}
+
+    def sampled(self, site, round):
+        """The batches of `site` kept in `round`, by their number, with the indices of their images: whole batches
+        in a seeded order, while they fit in `keep` images."""
+        order = shuffled(self.seed, site, round, len(self.train_sets[site]))
+        bounds = batch_bounds(len(order), self.batch_size)
+        kept, total = {}, 0
+        for batch in torch.randperm(len(bounds), generator=torch.Generator().manual_seed(self.seed + 7919 * site + round)).tolist():
+            start, end = bounds[batch]
+            if total + end - start <= self.keep:
+                kept[batch], total = order[start:end], total + end - start
+        return kept
+
+    def received(self, site, what="activations"):
+        """(indices, tensors) a site sent this round that the recorder kept, in the order they were sent."""
+        record = (self.activations if what == "activations" else self.gradients).get(site, [])
+        if not record:
+            return None, None
+        return torch.cat([indices for indices, _ in record]), torch.cat([tensor.float() for _, tensor in record])
+
+
+def entry(attacker, channel, victim, found=None, **measured):
+    """One line of what leaks: who could learn (`attacker`: "server", "aggregator", "server+aggregator" where
+    one process is both, "client K" for a peer), from what (`channel`: "images", "activations", "weights",
+    "labels"), about whose data (`victim`, a site), and how much: `ssim` of its best reconstruction against
+    `ssim_floor`, what its prior alone gives (the mean image of the images it knows), and `gain`, how far it got
+    from the floor towards a perfect copy, (ssim - floor) / (1 - floor): 0 nothing, 1 everything (the
+    normalised gain of Hatamizadeh et al. 2023's RDLV); or other measures (`dcor`, `label_auroc`)."""
+    found = dict(found or {}, **measured)
+    row = dict(attacker=attacker, channel=channel, victim=victim, ssim=found.get("ssim"), ssim_floor=found.get("ssim_floor"))
+    row["gain"] = None if row["ssim"] is None else (row["ssim"] - row["ssim_floor"]) / max(1 - row["ssim_floor"], 1e-9)
+    row.update({key: found[key] for key in ("dcor", "label_auroc", "psnr", "psnr_floor", "method") if key in found})
+    return row
+
+
+def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, function: function()):
+    """What each party could learn from what it received in the round just ended (`recorder`), measured where the
+    server is (its process under a transport; the images the measures compare with travel there as evaluation
+    traffic). The victim is site 0; the server knows site 1's images (a colluding hospital, or public X-rays like
+    its own), which also make its prior, and a peer client its own. Always: dCor² of every site's images and the
+    activations it sent, the labels the server receives (returned gradients of a label-private client: the label
+    attacks), central's images, a peer's prior. With `attack_steps`: the decoder on activations (`decode`), the
+    white-box attack where the server also aggregates the client parts (`whitebox_attack`), the aggregator's
+    inversion of FedAvg's update from the shared initial weights (`invert_update`, in the first round only:
+    `attack_steps` / 5 steps, each a double backward pass of the whole model). Returns the round's measures and
+    "leak", their `entry` lines (both empty in a process that is not the server's); `attempt(what, function)` runs
+    each measure, so that a failing one is named and the others go on. `deployed`: each site's deployed model, the
+    architecture into which an attacker loads the weights it received."""
+    sites = range(len(run.train_sets))
+    own = lambda site, indices: run.send_for_evaluation(site, "server", run.train_sets[site].images[indices],
+                                                         run.train_sets[site].labels[indices])
+    received = {site: recorder.received(site) for site in sites}
+    indices = {site: received[site][0] if received[site][0] is not None else torch.arange(min(len(run.train_sets[site]), recorder.keep))
+               for site in sites}
+    images, labels = zip(*(own(site, indices[site]) for site in sites))
+    inverts = run.scheme == "fedavg" and recorder.upload is not None and attack_steps and len(run.history) == 1
+    start = run.send_for_evaluation(0, "server", recorder.start) if inverts else None  # (every process sends the same)
+    if images[0].is_meta:  # not the server's process: it measures
+        return {}, []
+    found, leak = {}, []
+    if run.scheme == "central":
+        leak.append(entry("server", "images", 0, compared(recorder.images[0][indices[0]], images[0], images[1])))
+    if received[0][1] is not None:  # a split scheme: the server receives activations
+        dependence_of = attempt("dCor²", lambda: [dependence(images[site], received[site][1], recorder.seed) for site in sites])
+        if dependence_of:
+            found.update(dcor=[d["dcor"] for d in dependence_of], dcor_shuffled=[d["dcor_shuffled"] for d in dependence_of])
+        attack = attack_steps and len(sites) > 1 and attempt("attack", lambda: decode(
+            received[1][1], images[1], received[0][1], images[0], attack_steps, seed=recorder.seed))
+        if attack:
+            found["attack"] = attack
+        leak.append(entry("server", "activations", 0, attack or None, **({"dcor": found["dcor"][0]} if "dcor" in found else {})))
+        if recorder.upload is not None and attack_steps:  # SplitFed v1, v2: the server aggregates the client parts too
+            whitebox = attempt("white-box attack", lambda: whitebox_attack(
+                part_with(deployed[0][0], recorder.upload), received[0][1], images[0], images[1],
+                run.batch_size, attack_steps, recorder.seed))
+            if whitebox:
+                found["whitebox"] = whitebox
+            # it holds what the server alone holds too, and keeps whichever reconstruction is better
+            best = max((attack or None, whitebox), key=lambda found: -1 if not found else found["ssim"])
+            leak.append(entry("server+aggregator", "activations", 0, best,
+                              method=None if not best else "white-box" if best is whitebox else "black-box"))
+    if received[0][1] is not None and is_label_private(deployed[0][0]):
+        returned = {site: recorder.received(site, "gradients") for site in sites}
+        label_leak_of = attempt("label leak", lambda: [label_attacks(returned[site][1], labels[site][:len(returned[site][1])])
+                                                       for site in sites])
+        if label_leak_of:
+            found["label_leak"] = label_leak_of
+            leak.append(entry("server", "labels", 0, label_auroc=label_leak_of[0]["cosine_auroc"]))
+    elif received[0][1] is not None or run.scheme == "central":
+        leak.append(entry("server", "labels", 0, label_auroc=1.0))  # sent with the activations (or the images)
+    if inverts:
+        inversion = attempt("inversion", lambda: invert_update(deployed[0], start, recorder.upload,
+                                                               images[0], images[1], max(attack_steps // 5, 1),
+                                                               recorder.seed))
+        if inversion:
+            found["inversion"] = inversion
+    if run.scheme == "fedavg":
+        leak.append(entry("aggregator", "weights", 0, found.get("inversion")))
+    if recorder.handoff is not None:
+        # a peer holds the victim's client part and its Adam state, before and after the victim's turn, but neither
+        # the server's half (no loss whose gradient it could invert) nor any of the victim's activations: its prior
+        peer = recorder.handoff[0]
+        prior = compared(images[peer].mean(0, keepdim=True).expand_as(images[0]), images[0], images[peer])
+        leak.append(entry(f"client {peer}", "weights", 0, ssim_floor=prior["ssim_floor"], method="prior only"))
+    return found, leak
+
+
+def part_with(part, state):
+    """A copy of model part `part` holding `state` (a state dict another party sent), real even where this process
+    held only a stand-in of the part (under a transport), on the device `state` is on."""
+    copied = unwrap(copy.deepcopy(part))
+    if next(copied.parameters()).is_meta:
+        copied = copied.to_empty(device=next(iter(state.values())).device)
+    # by position: a stand-in's state (a transport's parts are stand-ins, `common.StandIn`) names the same tensors
+    # in the same order under other names
+    copied.load_state_dict(dict(zip(copied.state_dict(), state.values())))
+    return copied.to(memory_format=torch.contiguous_format)  # one layout, whichever the part had: the same sums
+
+
+def invert_update(model, start, uploaded, victim_images, attacker_images, steps=1000, seed=0, num_images=8):
+    """The aggregator's attack on FedAvg: the weights a client uploaded minus those it started the round from (one
+    local epoch of Adam) taken as the gradient's direction (`invert_gradient` matches directions, so the learning
+    rate does not matter), inverted for `num_images` images (the attacker does not know how many were behind the
+    update, nor their labels: half of each, the prior of a balanced site) with the model at the round's start in
+    train mode, as the client trained it, from the attacker's prior (its mean image). Each reconstruction is compared with the victim's image it resembles
+    most, and the floor (the attacker's mean image) likewise."""
+    model = part_with(model, start).train()
+    start, uploaded = (dict(zip(model.state_dict(), state.values())) for state in (start, uploaded))  # by position
+    gradients = [start[name].double() - uploaded[name].double() for name, _ in model.named_parameters()]
+    labels = (torch.arange(num_images) % 2).float()
+    reconstructed = invert_gradient(model, gradients, labels, victim_images.shape[1:], steps, seed,
+                                    start=attacker_images.mean(0, keepdim=True))
+    return best_matches(reconstructed, victim_images, attacker_images)
+
+
+def best_matches(reconstructed, victim_images, attacker_images):
+    """`compared`, each reconstruction against the victim's image whose SSIM with it is highest, and the floor
+    (the attacker's mean image) against the victim's image it matches best."""
+    size = min(victim_images.shape[-1], 64)
+    shrink = lambda images: F.interpolate(images.float().cpu(), size=(size, size), mode="area")
+    reconstructed, victims, prior = shrink(reconstructed), shrink(victim_images), shrink(attacker_images).mean(0, keepdim=True)
+    best = lambda image: int(max(range(len(victims)), key=lambda i: float(ssim(image[None], victims[i:i + 1]))))
+    matched = victims[[best(image) for image in reconstructed]]
+    return dict(ssim=float(ssim(reconstructed, matched).mean()), psnr=float(psnr(reconstructed, matched).mean()),
+                ssim_floor=float(ssim(prior, victims[best(prior[0]):best(prior[0]) + 1]).mean()), target_size=size,
+                num_images=len(reconstructed))
+
+
+# How much each measure of one round says the server learnt (more is worse): dCor² (mean over sites), an
 # attack's SSIM above its floor, the cosine label attack's AUROC (mean over sites; undefined counts as chance).
-LEAKED = dict(dcor=lambda found: statistics.mean(found["dcor"]),
-              attack=lambda found: found["attack"]["ssim"] - found["attack"]["ssim_floor"],
+above_floor = lambda key: lambda found: found[key]["ssim"] - found[key]["ssim_floor"]
+LEAKED = dict(dcor=lambda found: statistics.mean(found["dcor"]), attack=above_floor("attack"),
+              whitebox=above_floor("whitebox"), inversion=above_floor("inversion"),
               label_leak=lambda found: statistics.mean(site["cosine_auroc"] or 0.5 for site in found["label_leak"]))
+
+
+def leaked(line):
+    """How much a leak line says its attacker learnt, to rank lines: the gain over the floor where an attack
+    reconstructed images, else dCor², else the label AUROC (each on its own 0-to-1 scale)."""
+    for key in ("gain", "dcor", "label_auroc"):
+        if line.get(key) is not None:
+            return line[key]
+    return -math.inf
+
+
+def worst_leaks(history):
+    """A run's leak: per attacker, channel and victim, the line of the round it learnt most in (`leaked`; the
+    earliest of equals), with that round; and the worst line of all where an attack reconstructed images (by gain:
+    one scale for every scheme), None where none did."""
+    by_line = {}
+    for round_entry in history:
+        for line in (round_entry.get("privacy") or {}).get("leak", []):
+            key = line["attacker"], line["channel"], line["victim"]
+            if key not in by_line or leaked(line) > leaked(by_line[key]):
+                by_line[key] = dict(line, round=round_entry["round"])
+    lines = list(by_line.values())
+    return lines, max((line for line in lines if line["gain"] is not None), key=lambda line: line["gain"], default=None)
 
 
 def cuts_sweep(client_model, server_model, train_sets, batch_size, attack=False, steps=1000, log=print):

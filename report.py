@@ -77,7 +77,7 @@ def results_table(rows):
                 "leave" if first.get("privacy", {}).get("labels_leave") else ("stay" if first.get("privacy") else "-"),
                 privacy_cell(first)]
     return _lines(rows, ["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc", "wall s", "×central", "labels",
-                         "dCor² (shuf.)"], cells)
+                         "worst leak: SSIM (floor) or dCor²"], cells)
 
 
 def costs_table(rows):
@@ -108,9 +108,38 @@ def add_ratios(rows):
         row["ratio"] = row["seconds"] / central[row["seed"]] if row.get("seconds") and row["seed"] in central else None
 
 
-def privacy_cell(row):
-    """`dcor_cell`, and ε where the row has one."""
-    return dcor_cell(row) + (f", ε {epsilon_cell(row)}" if row.get("epsilon") is not None else "")
+def privacy_cell(row, cell=None):
+    """`leak_cell` (or `cell`), and ε where the row has one."""
+    return (cell or leak_cell)(row) + (f", ε {epsilon_cell(row)}" if row.get("epsilon") is not None else "")
+
+
+def leak_cell(row):
+    """A row's worst leak on one scale: who reconstructs what from which channel, its SSIM and its floor (the
+    prior alone); where no attack ran (no --attack), the server's dCor² on the activations (`dcor_cell`), or
+    what leaves a site unattacked."""
+    worst = row.get("leak_worst")
+    if worst:
+        return f"{worst['attacker']} ({worst['channel']}) {worst['ssim']:.2f} ({worst['ssim_floor']:.2f})"
+    if "dcor" in (row.get("privacy") or {}) or "dCor²" in row.get("failed", {}):
+        return "server dCor² " + dcor_cell(row)
+    lines = row.get("leak") or []
+    return f"{lines[0]['attacker']} ({lines[0]['channel']}) not attacked" if lines else dcor_cell(row)
+
+
+def leak_table(rows):
+    """Every attacker of every row (the first seed): what it received, about whose data, how much it got, in the
+    round it got most (`privacy.worst_leaks`)."""
+    lines = [["scheme", "attacker", "channel", "victim", "SSIM (floor)", "gain", "dCor²", "label AUROC", "round"]]
+    number = lambda value, digits=3: "-" if value is None else f"{value:.{digits}f}"
+    for row in rows:
+        if row.get("error") or row["seed"] != rows[0]["seed"]:
+            continue
+        for line in row.get("leak", []):
+            lines.append([name(row), line["attacker"], line["channel"], f"site {line['victim']}",
+                          f"{line['ssim']:.3f} ({line['ssim_floor']:.3f})" if line["ssim"] is not None else "-",
+                          number(line["gain"], 2), number(line.get("dcor"), 2), number(line.get("label_auroc"), 2),
+                          str(line["round"])])
+    return align(lines)
 
 
 def dcor_cell(row):
@@ -140,7 +169,7 @@ def privacy_table(rows):
             continue
         attack, leak = found.get("attack"), found.get("label_leak")
         missing = "failed" if "attack" in failed else "-"
-        lines.append([name(row), found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row),
+        lines.append([name(row), found["sends"], "yes" if found["labels_leave"] else "no", privacy_cell(row, dcor_cell),
                       f"{attack['ssim']:.3f} ({attack['ssim_floor']:.3f})" if attack else missing,
                       f"{attack['psnr']:.1f} ({attack['psnr_floor']:.1f})" if attack else missing,
                       " / ".join(mean_std([site[key] for site in leak], 2) for key in ("norm_auroc", "cosine_auroc"))

@@ -63,7 +63,7 @@ def test_a_failing_measurement_keeps_its_row_and_names_itself(tmp_path, monkeypa
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
-    monkeypatch.setattr(privacy, "leakage", wrong_device)
+    monkeypatch.setattr(privacy, "dependence", wrong_device)
     monkeypatch.setattr(report, "save_models", disk_full)
     rows_path = tmp_path / "rows.json"
     monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--schemes", "central,sl-client", "--save", str(tmp_path),
