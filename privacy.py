@@ -566,24 +566,7 @@ def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, functi
     if run.scheme == "central":
         leak.append(entry("server", "images", 0, compared(recorder.images[0][indices[0]], images[0], images[1])))
     if received[0][1] is not None:  # a split scheme: the server receives activations
-        dependence_of = attempt("dCor²", lambda: [dependence(images[site], received[site][1], recorder.seed) for site in sites])
-        if dependence_of:
-            found.update(dcor=[d["dcor"] for d in dependence_of], dcor_shuffled=[d["dcor_shuffled"] for d in dependence_of])
-        attack = attack_steps and len(sites) > 1 and attempt("attack", lambda: decode(
-            received[1][1], images[1], received[0][1], images[0], attack_steps, seed=recorder.seed))
-        if attack:
-            found["attack"] = attack
-        leak.append(entry("server", "activations", 0, attack or None, **({"dcor": found["dcor"][0]} if "dcor" in found else {})))
-        if recorder.upload is not None and attack_steps:  # SplitFed v1, v2: the server aggregates the client parts too
-            whitebox = attempt("white-box attack", lambda: whitebox_attack(
-                part_with(deployed[0][0], recorder.upload), received[0][1], images[0], images[1],
-                run.batch_size, attack_steps, recorder.seed))
-            if whitebox:
-                found["whitebox"] = whitebox
-            # it holds what the server alone holds too, and keeps whichever reconstruction is better
-            best = max((attack or None, whitebox), key=lambda found: -1 if not found else found["ssim"])
-            leak.append(entry("server+aggregator", "activations", 0, best,
-                              method=None if not best else "white-box" if best is whitebox else "black-box"))
+        leak += activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found)
     if received[0][1] is not None and is_label_private(deployed[0][0]):
         returned = {site: recorder.received(site, "gradients") for site in sites}
         label_leak_of = attempt("label leak", lambda: [label_attacks(returned[site][1], labels[site][:len(returned[site][1])])
@@ -608,6 +591,32 @@ def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, functi
         prior = compared(images[peer].mean(0, keepdim=True).expand_as(images[0]), images[0], images[peer])
         leak.append(entry(f"client {peer}", "weights", 0, ssim_floor=prior["ssim_floor"], method="prior only"))
     return found, leak
+
+
+def activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found):
+    """`measure`'s attackers of the activations a split scheme's server received (`received`: per site, the
+    recorder's (indices, activations); `images`: the images behind them): dCor² and the decoder for the server,
+    and where it aggregates the client parts too, the white-box attack. Adds to `found`; returns the lines."""
+    sites, leak = range(len(images)), []
+    dependence_of = attempt("dCor²", lambda: [dependence(images[site], received[site][1], recorder.seed) for site in sites])
+    if dependence_of:
+        found.update(dcor=[d["dcor"] for d in dependence_of], dcor_shuffled=[d["dcor_shuffled"] for d in dependence_of])
+    attack = attack_steps and len(sites) > 1 and attempt("attack", lambda: decode(
+        received[1][1], images[1], received[0][1], images[0], attack_steps, seed=recorder.seed))
+    if attack:
+        found["attack"] = attack
+    leak.append(entry("server", "activations", 0, attack or None, **({"dcor": found["dcor"][0]} if "dcor" in found else {})))
+    if recorder.upload is not None and attack_steps:  # SplitFed v1, v2: the server aggregates the client parts too
+        whitebox = attempt("white-box attack", lambda: whitebox_attack(
+            part_with(deployed[0][0], recorder.upload), received[0][1], images[0], images[1],
+            run.batch_size, attack_steps, recorder.seed))
+        if whitebox:
+            found["whitebox"] = whitebox
+        # it holds what the server alone holds too, and keeps whichever reconstruction is better
+        best = max((attack or None, whitebox), key=lambda found: -1 if not found else found["ssim"])
+        leak.append(entry("server+aggregator", "activations", 0, best,
+                          method=None if not best else "white-box" if best is whitebox else "black-box"))
+    return leak
 
 
 def part_with(part, state):

@@ -202,36 +202,76 @@ def tradeoff_table(rows):
     return align(lines)
 
 
+def worst_gain(row):
+    """A row's worst leak as the gain of its attacker over its prior (`privacy.entry`), or None (no attack ran)."""
+    return row["leak_worst"]["gain"] if row.get("leak_worst") else None
+
+
+def mean_dcor(row):
+    return statistics.mean(row["privacy"]["dcor"]) if "dcor" in (row.get("privacy") or {}) else None
+
+
 def plot_tradeoff(rows, path):
-    """--tradeoff: privacy (dCor², and the attack's SSIM above its floor where measured) against AUROC, one
-    line per defense from the undefended run up its ladder of strengths."""
+    """--tradeoff: pooled AUROC against privacy, every scheme and defense on the same axes: each point the mean
+    over seeds with bars of one standard deviation each way, each curve from the undefended run up its ladder of
+    strengths in order, each strength's label placed where it overlaps no other. Panels: the worst leak's gain
+    over its prior (every scheme, with --attack) and dCor² at the cut (the split schemes)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    done = [row for row in rows if not row.get("error") and "dcor" in row.get("privacy", {})]
-    measures = [("dCor² (worst round, mean over sites)", privacy.LEAKED["dcor"])]
-    if any("attack" in row["privacy"] for row in done):
-        measures.append(("attack SSIM above its floor (worst round)", privacy.LEAKED["attack"]))
-    figure, panels = pyplot.subplots(1, len(measures), figsize=(5.5 * len(measures), 4.2), squeeze=False)
-    for scheme in dict.fromkeys(row["scheme"] for row in done):
-        runs = [row for row in done if row["scheme"] == scheme and row["seed"] == done[0]["seed"]]
-        undefended = [row for row in runs if row["defense"] == "none"]
-        for kind in dict.fromkeys(row["defense"].split(":")[0] for row in runs if row["defense"] != "none"):
-            line = undefended + sorted((row for row in runs if row["defense"].split(":")[0] == kind),
-                                       key=lambda row: float(row["defense"].split(":")[1]))
-            for panel, (label, measure) in zip(panels[0], measures):
-                points = [(measure(row["privacy"]), row["auroc"], row["defense"].split(":")[-1]) for row in line
-                          if "attack" in row["privacy"] or "attack" not in label]
-                panel.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{scheme} {kind}")
-                for x, y, strength in points:
-                    panel.annotate(strength, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for panel, (label, _) in zip(panels[0], measures):
-        panel.set(xlabel=label + ": less is more private", ylabel="pooled AUROC", title="privacy against AUROC")
-        panel.legend(fontsize=8)
+    done = [row for row in rows if not row.get("error")]
+    measures = [(label, measure) for label, measure in
+                (("worst leak: gain of the best attacker over its prior", worst_gain),
+                 ("dCor² at the cut (worst round, mean over sites)", mean_dcor))
+                if any(measure(row) is not None for row in done)]
+    figure, panels = pyplot.subplots(1, len(measures), figsize=(6 * len(measures), 4.6), squeeze=False)
+    for panel, (label, measure) in zip(panels[0], measures):
+        labels = []
+        for scheme in dict.fromkeys(row["scheme"] for row in done):
+            runs = [row for row in done if row["scheme"] == scheme and measure(row) is not None]
+            strength = lambda defense: 0.0 if defense == "none" else float(defense.split("+")[0].split(":")[1])
+            for kind in dict.fromkeys(row["defense"].split(":")[0] for row in runs if row["defense"] != "none"):
+                defenses = ["none"] + sorted({row["defense"] for row in runs if row["defense"].split(":")[0] == kind},
+                                             key=strength)
+                points = []
+                for defense in defenses:
+                    seeds = [row for row in runs if row["defense"] == defense]
+                    if seeds:
+                        xs, ys = [measure(row) for row in seeds], [row["auroc"] for row in seeds]
+                        spread = lambda values: statistics.stdev(values) if len(values) > 1 else 0.0
+                        points.append((statistics.mean(xs), statistics.mean(ys), spread(xs), spread(ys),
+                                       defense.split("+")[0].split(":")[-1]))
+                drawn = panel.errorbar([p[0] for p in points], [p[1] for p in points], xerr=[p[2] for p in points],
+                                       yerr=[p[3] for p in points], marker="o", capsize=2, label=f"{scheme} {kind}")
+                labels += [(x, y, text, drawn[0].get_color()) for x, y, _, _, text in points]
+        panel.set(xlabel=label + " (less is more private)", ylabel="pooled AUROC (mean ± sd over seeds)")
+        panel.legend(fontsize=7)
+        place_labels(panel, labels, figure)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     pyplot.close(figure)
+
+
+def place_labels(panel, labels, figure, size=7):
+    """Each (x, y, text, colour) label beside its point at the first of a few offsets where its box overlaps no
+    label placed before it (nor leaves the panel), in display pixels."""
+    figure.canvas.draw()
+    to_pixels, placed = panel.transData.transform, []
+    inside = panel.get_window_extent()
+    offsets = [(4, 4), (4, -12), (-4, 4), (-4, -12), (8, 14), (8, -22), (-8, 14), (-8, -22), (14, -4), (-14, -4)]
+    for x, y, text, colour in labels:
+        px, py = to_pixels((x, y))
+        width, height = 0.62 * size * len(text) * figure.dpi / 72, size * figure.dpi / 72 + 2
+        for dx, dy in offsets:
+            left = px + dx if dx > 0 else px + dx - width
+            box = (left, py + dy, left + width, py + dy + height)
+            clear = all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed)
+            if clear and inside.x0 <= box[0] and box[2] <= inside.x1 and inside.y0 <= box[1] and box[3] <= inside.y1:
+                break
+        placed.append(box)
+        panel.annotate(text, (x, y), textcoords="offset points", color=colour, fontsize=size,
+                       xytext=(dx * 72 / figure.dpi, dy * 72 / figure.dpi), ha="left" if dx > 0 else "right")
 
 
 def cuts_table(cuts):

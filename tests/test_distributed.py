@@ -28,7 +28,8 @@ ROOT = os.geteuid() == 0 and all(shutil.which(tool) for tool in ("unshare", "ip"
 
 @pytest.fixture(scope="module")
 def distributed_and_simulated(tmp_path_factory):
-    """Every scheme as three processes (server, two clients) and as the simulation, one thread each. Then split
+    """Every scheme as three processes (server, two clients) and as the simulation, one thread each, attacked
+    (--attack). Then split
     learning and SplitFed v2 for two rounds in shuffled turns (seed 0 draws 1, 0 in round 1: not the fixed
     order), their clients defended (NoPeek and noise run in the client's process); in real processes, client 1
     killed in sfv2's second round once every party has written its first checkpoint, and the parties started
@@ -37,7 +38,8 @@ def distributed_and_simulated(tmp_path_factory):
     shuffled = ["--order", "shuffled", "--schemes", "sl-client,sfv2", "--rounds", "2", "--defense", "nopeek:1",
                 "--defense", "noise:0.3"]
     try:
-        runs = {("fixed", how): bench.main(DISTRIBUTED + (["--distributed"] if how == "distributed" else [])
+        runs = {("fixed", how): bench.main(DISTRIBUTED + ["--attack", "--attack-steps", "20"]
+                                           + (["--distributed"] if how == "distributed" else [])
                                            + ["--save", str(folder / "fixed" / how)])
                 for how in ("distributed", "simulated")}
         runs["shuffled", "simulated"] = bench.main(DISTRIBUTED + shuffled + ["--save", str(folder / "shuffled" / "simulated")])
@@ -80,7 +82,8 @@ def test_distributed_run_equals_the_simulation_bit_for_bit(distributed_and_simul
     for real, simulation in zip(distributed, simulated):
         name = report.folder_name(real)
         assert real["defense"] == ("nopeek:1+noise:0.3" if order == "shuffled" else "none")
-        for key in ("auroc", "auroc_interval", "site_auroc", "accuracy", "bytes", "messages", "flops"):
+        for key in ("auroc", "auroc_interval", "site_auroc", "accuracy", "bytes", "messages", "flops", "privacy", "leak",
+                    "leak_worst"):  # (what each party could learn: measured in the server's process)
             assert real[key] == (list(simulation[key]) if key == "auroc_interval" else simulation[key]), (name, key)
         assert real["wire_bytes"] == real["bytes"], name  # what went on the wire is what the ledger counts
         assert real["loss"] == pytest.approx(simulation["loss"], rel=1e-6)

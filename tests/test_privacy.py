@@ -278,3 +278,97 @@ def test_dp_zero_with_an_unbounded_clip_is_the_undefended_run_bit_for_bit(tmp_pa
                 saved = [torch.load(tmp_path / where / f / f"site-{site}.pt", weights_only=True)
                          for where, f in (("plain", report.folder_name(plain)), (name, folder))]
                 assert all(torch.equal(v, saved[1]["client"][k]) for k, v in saved[0]["client"].items()), (name, site)
+
+
+# What each party received (privacy.Recorder) and what it could learn from it, on one scale (privacy.measure)
+
+class Sent(Observer):
+    """Every tensor a client sent the server, as the run handed it over."""
+
+    def __init__(self):
+        self.activations = []
+
+    def sent(self, run, source, destination, link, objects):
+        if link == "client->server" and objects[0].dim() == 4:
+            self.activations.append((len(run.history), source, objects[0].detach().clone()))
+
+
+class Forwards:
+    """Images through a client part's forward passes (a hook on it)."""
+
+    def __init__(self, model):
+        self.images = 0
+        model.register_forward_hook(lambda module, inputs, output: setattr(self, "images", self.images + len(inputs[0])))
+
+
+def test_the_measures_use_the_activations_the_server_received_and_run_no_forward_pass_of_their_own(three_sites):
+    args = bench.parse_args(TINY)[0]
+    counted = {}
+    for watched in (False, True):
+        client_model, server_model = fresh_split()
+        forwards, sent, failed = Forwards(client_model), Sent(), {}
+        recorder = privacy.Recorder(three_sites[0], 16, seed=0, keep=24)
+        observers = [sent] + ([recorder, bench.Privacy(recorder, args, failed, print)] if watched else [])
+        result = splitlearn.train(client_model, server_model, *three_sites, turns="client", observers=observers,
+                                  **dict(FAST, rounds=1))
+        counted[watched] = forwards.images
+    assert counted[True] == counted[False]  # training, statistics and scoring: nothing encoded again
+    assert not failed
+    for site in range(3):  # each kept batch is one the server received, whole, in the order it came
+        indices, kept = recorder.received(site)
+        assert len(indices) <= 24 and len(kept) == len(indices)
+        batches = [tensor for _, source, tensor in sent.activations if source == site]
+        start = 0
+        for batch in (b for b in batches if start < len(kept) and torch.equal(b, kept[start:start + len(b)])):
+            start += len(batch)
+        assert start == len(kept) > 0, site
+        order = privacy.shuffled(0, site, 0, len(three_sites[0][site]))
+        assert set(indices.tolist()) <= set(order.tolist())
+    found = result["history"][0]["privacy"]
+    expected = privacy.dependence(three_sites[0][0].images[recorder.received(0)[0]], recorder.received(0)[1], 0)
+    assert found["dcor"][0] == expected["dcor"]
+
+
+@pytest.fixture(scope="module")
+def attacked():
+    return {row["scheme"]: row for row in bench.main(TINY + ["--attack", "--attack-steps", "30"])}
+
+
+def lines_of(row):
+    return {(line["attacker"], line["channel"]): line for line in row["leak"]}
+
+
+def test_every_scheme_names_each_attacker_on_one_scale(attacked, capsys):
+    assert set(attacked) == set(bench.SCHEMES) and not any(row.get("failed") for row in attacked.values())
+    central = lines_of(attacked["central"])
+    assert central["server", "images"]["ssim"] >= 0.99 and attacked["central"]["leak_worst"]["channel"] == "images"
+    assert central["server", "labels"]["label_auroc"] == 1.0
+    fedavg = lines_of(attacked["fedavg"])
+    assert set(fedavg) == {("aggregator", "weights")} and fedavg["aggregator", "weights"]["ssim"] is not None
+    for scheme in bench.SPLIT_SCHEMES:
+        lines = lines_of(attacked[scheme])
+        server = lines["server", "activations"]
+        assert server["ssim"] is not None and 0 < server["dcor"] <= 1, scheme
+        assert server["gain"] == pytest.approx((server["ssim"] - server["ssim_floor"]) / (1 - server["ssim_floor"]))
+        assert lines["server", "labels"]["label_auroc"] == 1.0
+        assert (("server+aggregator", "activations") in lines) == (scheme in ("sfv1", "sfv2")), scheme
+        assert (("client 1", "weights") in lines) == scheme.startswith("sl-"), scheme
+        if scheme in ("sfv1", "sfv2"):  # it holds what the server holds, and its own attack besides
+            assert lines["server+aggregator", "activations"]["ssim"] >= server["ssim"]
+        assert attacked[scheme]["leak_worst"] == max((line for line in attacked[scheme]["leak"] if line["gain"] is not None),
+                                                     key=lambda line: line["gain"])
+    table = report.results_table(list(attacked.values()))
+    assert "server (images) 1.00" in table and "aggregator (weights)" in table
+    assert "server+aggregator" in report.leak_table(list(attacked.values()))
+
+
+def test_a_runs_leak_keeps_each_attackers_worst_round():
+    line = lambda attacker, **found: privacy.entry(attacker, "activations", 0, **found)
+    history = [dict(round=1, privacy=dict(leak=[line("server", ssim=0.8, ssim_floor=0.7), line("client 1", dcor=0.4)])),
+               dict(round=2, privacy=dict(leak=[line("server", ssim=0.75, ssim_floor=0.5), line("client 1", dcor=0.6)])),
+               dict(round=3, privacy=dict(leak=[line("server", ssim=0.9, ssim_floor=0.8)]))]
+    lines, worst = privacy.worst_leaks(history)
+    by = {line["attacker"]: line for line in lines}
+    assert by["server"]["round"] == 2 and by["server"]["gain"] == pytest.approx(0.5)  # 0.25 / 0.5 beats 0.1 / 0.3
+    assert by["client 1"]["round"] == 2 and by["client 1"]["dcor"] == 0.6
+    assert worst == by["server"]
