@@ -174,7 +174,12 @@ def parse_args(argv):
                              "decoder trained on another site's images; at 1000 steps about a minute a round at 48 px "
                              "on 2 CPU cores)")
     measuring.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
-                        help="the reconstruction attack's decoder training steps")
+                        help="the reconstruction attack's decoder training steps (the inversion of FedAvg's update in "
+                             "round 1: a fifth as many)")
+    measuring.add_argument("--inversion-curve", action="store_true",
+                        help="instead of training the schemes: FedAvg's aggregator inverts one client's update after 1 "
+                             "local step on 1, 4 and 8 of site 0's images, then 2 and 8 steps on 8 (--attack-steps "
+                             "steps each; one image needs --image-size 64 or more)")
     measuring.add_argument("--tradeoff", action="store_true",
                         help="train each scheme (default sl-client and fedavg) undefended and at a ladder of strengths "
                              "per defense that applies to it (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; gradient-noise "
@@ -247,6 +252,9 @@ def parse_args(argv):
         parser.error("--device cuda: no CUDA device is available")
     if args.profile and args.costs_only:
         parser.error("--profile times training; it cannot go with --costs-only")
+    if args.inversion_curve and (args.costs_only or args.distributed or args.image_size < 64):
+        parser.error("--inversion-curve trains one client in this process, from one image up: not with --costs-only "
+                     "or --distributed, and at --image-size 64 or more")
     if args.costs_only and (args.attack or args.cuts_sweep):
         parser.error("--attack and --cuts-sweep need trained models; --costs-only trains none")
     if args.distributed and (args.label_private or args.cuts_sweep):
@@ -617,6 +625,8 @@ def main(argv=None):
     set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.inversion_curve:
+        return inversion_curve(args)
     if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
         return launch_parties(sys.argv[1:] if argv is None else argv, args, parser)
     transport, sites = join(args, parser)
@@ -785,6 +795,24 @@ def print_tables(rows, args, transport):
         print("\nwho could learn what (each attacker in the round it learnt most; SSIM of its reconstructions of the "
               "victim's\nimages and, in brackets, of its prior alone; gain: (SSIM - floor) / (1 - floor)):")
         print(report.leak_table(rows))
+
+
+def inversion_curve(args):
+    """--inversion-curve: where FedAvg starts to leak (`privacy.inversion_curve`), site 1's images the prior."""
+    train_sets = load_sites(args)[0]
+    torch.manual_seed(0)  # seed 0's initial weights, as every scheme's first run
+    model = nn.Sequential(*split_densenet121(args.cut)).to(memory_format=torch.channels_last)
+    print(f"FedAvg's update inverted by the aggregator ({args.image_size} px, {args.attack_steps} steps, the seed's "
+          f"initial weights, labels known, the prior: site 1's mean image):", flush=True)
+    rows = privacy.inversion_curve(model, train_sets[0].images, train_sets[0].labels, train_sets[1].images, args.lr,
+                                   args.attack_steps, seed=0, log=lambda line: print(line, flush=True))
+    print(report.align([["images", "local steps", "SSIM", "floor", "gain"]] + [
+        [str(row["images"]), str(row["local_steps"]), f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}",
+         f"{(row['ssim'] - row['ssim_floor']) / (1 - row['ssim_floor']):+.2f}"] for row in rows]))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=1)
+    return rows
 
 
 def sweep_cuts(scheme, model, train_sets, args, failed, say):

@@ -370,16 +370,18 @@ def local_statistics(run, site, client_side, server_side):
     deployed weights (`batchnorm_statistics`); the server side's from the activations the site sends it
     (evaluation traffic)."""
     with batchnorm_statistics(*[side for side in (client_side, server_side) if side is not None]):
-        for images, _ in run.batches(run.train_sets[site], site, 0, shuffle=False):  # training's batches: train mode
+        for images, _ in run.batches(run.train_sets[site], site, 0, shuffle=False, batch_size=evaluation_batch(run.batch_size)):
             with run.autocast():
                 forward(server_side, run.send_for_evaluation(site, "server", forward(client_side, images)))
 
 
-def evaluation_batch(run, images=128):
-    """The batch of a scoring pass: forward only, so larger than training's (at least `images`), on which scores
-    in eval mode do not depend, and a CPU runs a fifth faster. (The statistics pass keeps training's batches: in
-    train mode each batch's own statistics normalise what the deeper layers see.)"""
-    return max(run.batch_size, images)
+def evaluation_batch(batch_size, images=128):
+    """The batch of a statistics or a scoring pass, forward only: at least `images`, larger than training's. The
+    scores in eval mode do not depend on it. The statistics do, past the first BatchNorm layer: in train mode each
+    batch's own statistics normalise what the deeper layers see, and the larger the batch, the nearer that comes
+    to the deployed model, which normalises by the population's (the limit, one batch of every image, is exact).
+    A CPU runs both passes a third faster at 128 than at 32."""
+    return max(batch_size, images)
 
 
 @torch.no_grad()
@@ -392,7 +394,7 @@ def score(run):
         for side, _ in training:
             side.eval()
         site_scores, site_labels = [], []
-        for images, targets in run.batches(run.test_sets[site], 0, 0, shuffle=False, batch_size=evaluation_batch(run)):
+        for images, targets in run.batches(run.test_sets[site], 0, 0, shuffle=False, batch_size=evaluation_batch(run.batch_size)):
             with run.autocast():
                 outputs, targets = run.send_for_evaluation(site, "server", forward(sides[0], images), targets)
                 logits = forward(sides[1], outputs)

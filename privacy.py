@@ -647,6 +647,40 @@ def invert_update(model, start, uploaded, victim_images, attacker_images, steps=
     return best_matches(reconstructed, victim_images, attacker_images)
 
 
+CURVE = ((1, 1), (4, 1), (8, 1), (8, 2), (8, 8))  # (images, local steps) of the FedAvg inversion curve
+
+
+def inversion_curve(model, victim_images, victim_labels, attacker_images, lr=1e-3, steps=1000, seed=0,
+                    settings=CURVE, log=print):
+    """Where FedAvg starts to leak: for each (images, local steps) of `settings`, a client trains a copy of
+    `model` (train mode) with Adam (`lr`) for that many steps on its first that many images, all of them each
+    step, and the aggregator inverts its update (the weights before minus after, `invert_gradient` for `steps`
+    steps from the attacker's mean image, knowing the labels); each reconstruction against the victim's image
+    it matches best (`best_matches`). One image needs at least 64 px: in train mode DenseNet-121's last block
+    then still has 2 x 2 values a channel for BatchNorm (at 48 px one, and training stops)."""
+    rows = []
+    for num_images, local_steps in settings:
+        images, labels = victim_images[:num_images], victim_labels[:num_images].float()
+        client = copy.deepcopy(model).train()
+        start = {name: weight.detach().clone() for name, weight in client.named_parameters()}
+        optimizer = torch.optim.Adam(client.parameters(), lr=lr)
+        for _ in range(local_steps):
+            loss = F.binary_cross_entropy_with_logits(client(to_model(images, client)).squeeze(1).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        update = [start[name].double() - weight.detach().double() for name, weight in client.named_parameters()]
+        begun = copy.deepcopy(model).train()  # the weights the aggregator sent: the update's starting point
+        reconstructed = invert_gradient(begun, update, labels, images.shape[1:], steps, seed,
+                                        start=attacker_images.mean(0, keepdim=True))
+        rows.append(dict(best_matches(reconstructed, images, attacker_images), images=num_images,
+                         local_steps=local_steps, steps=steps))
+        if log:
+            log(f"inversion: {num_images} images, {local_steps} local steps: SSIM {rows[-1]['ssim']:.3f} "
+                f"(floor {rows[-1]['ssim_floor']:.3f})")
+    return rows
+
+
 def best_matches(reconstructed, victim_images, attacker_images):
     """`compared`, each reconstruction against the victim's image whose SSIM with it is highest, and the floor
     (the attacker's mean image) against the victim's image it matches best."""

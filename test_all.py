@@ -261,15 +261,16 @@ def test_local_batchnorm_statistics_are_exact_at_every_site(three_sites, three_s
             assert torch.allclose(client_part.norm0.running_var.double(),
                                   conv0_output.transpose(0, 1).flatten(1).var(1), rtol=1e-5)
             # A deeper layer, on the server side of the cut: what it sees in a train-mode pass over the site's
-            # training images in training's batches (train mode normalises with each batch's own statistics,
-            # so the deployed weights alone decide it), collected by a hook.
+            # training images in the statistics pass's batches (`common.evaluation_batch`: train mode normalises
+            # with each batch's own statistics, so the deployed weights alone decide it), collected by a hook.
             seen = []
             model = copy.deepcopy(deployed).train()
             deep = dict(model.named_modules())["1.features.denseblock3.denselayer5.norm1"]
             deep.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].double()))
             with torch.no_grad():
-                for start in range(0, len(train_set), FAST["batch_size"]):
-                    model(train_set.images[start:start + FAST["batch_size"]])
+                size = common.evaluation_batch(FAST["batch_size"])
+                for start in range(0, len(train_set), size):
+                    model(train_set.images[start:start + size])
             seen = torch.cat(seen).transpose(0, 1).flatten(1)
             local = dict(deployed.named_modules())["1.features.denseblock3.denselayer5.norm1"]
             assert torch.allclose(local.running_mean.double(), seen.mean(1), atol=1e-5), (name, site)
