@@ -179,7 +179,7 @@ def parse_args(argv):
     measuring.add_argument("--inversion-curve", action="store_true",
                         help="instead of training the schemes: FedAvg's aggregator inverts one client's update after 1 "
                              "local step on 1, 4 and 8 of site 0's images, then 2 and 8 steps on 8 (--attack-steps "
-                             "steps each; one image needs --image-size 64 or more)")
+                             "steps each; one image trains only from --image-size 64)")
     measuring.add_argument("--tradeoff", action="store_true",
                         help="train each scheme (default sl-client and fedavg) undefended and at a ladder of strengths "
                              "per defense that applies to it (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; gradient-noise "
@@ -252,9 +252,8 @@ def parse_args(argv):
         parser.error("--device cuda: no CUDA device is available")
     if args.profile and args.costs_only:
         parser.error("--profile times training; it cannot go with --costs-only")
-    if args.inversion_curve and (args.costs_only or args.distributed or args.image_size < 64):
-        parser.error("--inversion-curve trains one client in this process, from one image up: not with --costs-only "
-                     "or --distributed, and at --image-size 64 or more")
+    if args.inversion_curve and (args.costs_only or args.distributed):
+        parser.error("--inversion-curve trains one client in this process: not with --costs-only or --distributed")
     if args.costs_only and (args.attack or args.cuts_sweep):
         parser.error("--attack and --cuts-sweep need trained models; --costs-only trains none")
     if args.distributed and (args.label_private or args.cuts_sweep):
@@ -806,9 +805,7 @@ def inversion_curve(args):
           f"initial weights, labels known, the prior: site 1's mean image):", flush=True)
     rows = privacy.inversion_curve(model, train_sets[0].images, train_sets[0].labels, train_sets[1].images, args.lr,
                                    args.attack_steps, seed=0, log=lambda line: print(line, flush=True))
-    print(report.align([["images", "local steps", "SSIM", "floor", "gain"]] + [
-        [str(row["images"]), str(row["local_steps"]), f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}",
-         f"{(row['ssim'] - row['ssim_floor']) / (1 - row['ssim_floor']):+.2f}"] for row in rows]))
+    print(report.curve_table(rows))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)

@@ -657,18 +657,24 @@ def inversion_curve(model, victim_images, victim_labels, attacker_images, lr=1e-
     step, and the aggregator inverts its update (the weights before minus after, `invert_gradient` for `steps`
     steps from the attacker's mean image, knowing the labels); each reconstruction against the victim's image
     it matches best (`best_matches`). One image needs at least 64 px: in train mode DenseNet-121's last block
-    then still has 2 x 2 values a channel for BatchNorm (at 48 px one, and training stops)."""
+    then still has 2 x 2 values a channel for BatchNorm (at 48 px one: that client cannot train, and its row
+    says so in "error")."""
     rows = []
     for num_images, local_steps in settings:
         images, labels = victim_images[:num_images], victim_labels[:num_images].float()
         client = copy.deepcopy(model).train()
         start = {name: weight.detach().clone() for name, weight in client.named_parameters()}
         optimizer = torch.optim.Adam(client.parameters(), lr=lr)
-        for _ in range(local_steps):
-            loss = F.binary_cross_entropy_with_logits(client(to_model(images, client)).squeeze(1).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        try:
+            for _ in range(local_steps):
+                loss = F.binary_cross_entropy_with_logits(client(to_model(images, client)).squeeze(1).float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        except ValueError as error:  # BatchNorm in train mode with one value a channel: no client trains this way
+            rows.append(dict(images=num_images, local_steps=local_steps, error=str(error).splitlines()[0]))
+            log and log(f"inversion: {num_images} images, {local_steps} local steps: {rows[-1]['error']}")
+            continue
         update = [start[name].double() - weight.detach().double() for name, weight in client.named_parameters()]
         begun = copy.deepcopy(model).train()  # the weights the aggregator sent: the update's starting point
         reconstructed = invert_gradient(begun, update, labels, images.shape[1:], steps, seed,

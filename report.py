@@ -156,8 +156,11 @@ def dcor_cell(row):
 
 
 def epsilon_cell(row):
-    """ε of a row's client-level differential privacy at its δ, or "-" (no guarantee)."""
-    return "-" if row.get("epsilon") is None else f"{row['epsilon']:.3g} (δ {row['delta']:g})"
+    """ε of a row's client-level differential privacy at its δ; "no ε" for noise without clipping (nothing bounds
+    what one image contributes, so no ε exists) and NoPeek; "-" undefended."""
+    if row.get("epsilon") is not None:
+        return f"{row['epsilon']:.3g} (δ {row['delta']:g})"
+    return "no ε (no clip)" if row.get("defense", "none") != "none" else "-"
 
 
 def privacy_table(rows):
@@ -272,6 +275,18 @@ def place_labels(panel, labels, figure, size=7):
         placed.append(box)
         panel.annotate(text, (x, y), textcoords="offset points", color=colour, fontsize=size,
                        xytext=(dx * 72 / figure.dpi, dy * 72 / figure.dpi), ha="left" if dx > 0 else "right")
+
+
+def curve_table(rows):
+    """--inversion-curve: SSIM of the aggregator's reconstructions, the floor and the gain, per (images, local
+    steps); a client that cannot train, with its cause under the table."""
+    lines = [["images", "local steps", "SSIM", "floor", "gain"]]
+    for row in rows:
+        gain = "-" if "ssim" not in row else f"{(row['ssim'] - row['ssim_floor']) / (1 - row['ssim_floor']):+.2f}"
+        lines.append([str(row["images"]), str(row["local_steps"])]
+                     + ([f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}", gain] if "ssim" in row else ["-", "-", "-"]))
+    return align(lines) + "".join(f"\n{row['images']} image(s): cannot train: {row['error']}" for row in rows
+                                  if "error" in row)
 
 
 def cuts_table(cuts):

@@ -202,6 +202,7 @@ def test_tradeoff_trains_each_defense_at_each_strength_and_prints_the_curve(tmp_
     assert statistics.mean(noise["privacy"]["dcor"]) < statistics.mean(none["privacy"]["dcor"])
     out = capsys.readouterr().out
     assert "what each defense buys" in out and "nopeek:1" in out.split("what each defense buys")[1]
+    assert report.epsilon_cell(noise) == "no ε (no clip)" == report.epsilon_cell(nopeek) and report.epsilon_cell(none) == "-"
     assert [row["defense"] for row in json.loads((tmp_path / "rows.json").read_text())] == ["none", "nopeek:1", "noise:0.5"]
 
 
