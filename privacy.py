@@ -672,7 +672,7 @@ def inversion_curve(model, victim_images, victim_labels, attacker_images, lr=1e-
                 loss.backward()
                 optimizer.step()
         except ValueError as error:  # BatchNorm in train mode with one value a channel: no client trains this way
-            rows.append(dict(images=num_images, local_steps=local_steps, error=str(error).splitlines()[0]))
+            rows.append(dict(images=num_images, local_steps=local_steps, error=str(error).split(",")[0]))
             log and log(f"inversion: {num_images} images, {local_steps} local steps: {rows[-1]['error']}")
             continue
         update = [start[name].double() - weight.detach().double() for name, weight in client.named_parameters()]

@@ -77,7 +77,7 @@ def results_table(rows):
                 "leave" if first.get("privacy", {}).get("labels_leave") else ("stay" if first.get("privacy") else "-"),
                 privacy_cell(first)]
     return _lines(rows, ["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc", "wall s", "×central", "labels",
-                         "worst leak: SSIM (floor) or dCor²"], cells)
+                         "worst leak: SSIM (floor)"], cells)
 
 
 def costs_table(rows):
@@ -110,20 +110,20 @@ def add_ratios(rows):
 
 def privacy_cell(row, cell=None):
     """`leak_cell` (or `cell`), and ε where the row has one."""
-    return (cell or leak_cell)(row) + (f", ε {epsilon_cell(row)}" if row.get("epsilon") is not None else "")
+    return (cell or leak_cell)(row) + (f", ε {row['epsilon']:.3g}" if row.get("epsilon") is not None else "")
 
 
 def leak_cell(row):
-    """A row's worst leak on one scale: who reconstructs what from which channel, its SSIM and its floor (the
-    prior alone); where no attack ran (no --attack), the server's dCor² on the activations (`dcor_cell`), or
+    """A row's worst leak on one scale: who reconstructs site 0's images (the leak table says from what), its SSIM
+    and its floor (the prior alone); where no attack ran (no --attack), the server's dCor² on the activations (`dcor_cell`), or
     what leaves a site unattacked."""
     worst = row.get("leak_worst")
     if worst:
-        return f"{worst['attacker']} ({worst['channel']}) {worst['ssim']:.2f} ({worst['ssim_floor']:.2f})"
+        return f"{worst['attacker']} {worst['ssim']:.2f} ({worst['ssim_floor']:.2f})"
     if "dcor" in (row.get("privacy") or {}) or "dCor²" in row.get("failed", {}):
         return "server dCor² " + dcor_cell(row)
     lines = row.get("leak") or []
-    return f"{lines[0]['attacker']} ({lines[0]['channel']}) not attacked" if lines else dcor_cell(row)
+    return f"{lines[0]['attacker']} not attacked" if lines else dcor_cell(row)
 
 
 def leak_table(rows):
@@ -234,7 +234,8 @@ def plot_tradeoff(rows, path):
         for scheme in dict.fromkeys(row["scheme"] for row in done):
             runs = [row for row in done if row["scheme"] == scheme and measure(row) is not None]
             strength = lambda defense: 0.0 if defense == "none" else float(defense.split("+")[0].split(":")[1])
-            for kind in dict.fromkeys(row["defense"].split(":")[0] for row in runs if row["defense"] != "none"):
+            kinds = dict.fromkeys(row["defense"].split(":")[0] for row in runs if row["defense"] != "none")
+            for kind in kinds or ["undefended"]:  # (a scheme without a defense: its one point)
                 defenses = ["none"] + sorted({row["defense"] for row in runs if row["defense"].split(":")[0] == kind},
                                              key=strength)
                 points = []
@@ -384,8 +385,8 @@ def write_outputs(rows, args):
         columns = (["scheme", "defense", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
                     "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
-                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "epsilon", "delta",
-                      "error", "failed"])
+                   + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "leak_worst_attacker",
+                      "leak_worst_channel", "leak_worst_ssim", "leak_worst_floor", "epsilon", "delta", "error", "failed"])
         with open(args.csv, "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(columns)
@@ -400,6 +401,9 @@ def write_outputs(rows, args):
                                 + [row.get("seconds"), row.get("ratio"), row.get("deploy_seconds"),
                                    row.get("privacy", {}).get("labels_leave"),
                                    *(statistics.mean(row["privacy"][key]) if "dcor" in row.get("privacy", {}) else None
-                                     for key in ("dcor", "dcor_shuffled")), row.get("epsilon"), row.get("delta"),
+                                     for key in ("dcor", "dcor_shuffled")),
+                                   *((row.get("leak_worst") or {}).get(key) for key in ("attacker", "channel", "ssim",
+                                                                                        "ssim_floor")),
+                                   row.get("epsilon"), row.get("delta"),
                                    row.get("error"),
                                    "; ".join(f"{what}: {cause}" for what, cause in row.get("failed", {}).items()) or None])

@@ -109,12 +109,14 @@ def test_bench_smoke_all_seven_schemes_json_and_csv(tiny_run):
     assert "sfv3 round 1/1 loss" in out and out.rstrip().splitlines()[-1].startswith("sfv3")
     assert [row["scheme"] for row in json.loads((tmp_path / "rows.json").read_text())] == list(bench.SCHEMES)
     with open(tmp_path / "rows.csv") as file:
-        assert [row["scheme"] for row in csv.DictReader(file)] == list(bench.SCHEMES)
+        written = list(csv.DictReader(file))
+    assert [row["scheme"] for row in written] == list(bench.SCHEMES)
+    assert written[0]["leak_worst_attacker"] == "server" and float(written[0]["leak_worst_ssim"]) >= 0.99  # central
 
 
 JSON_FIELDS = {"scheme", "seed", "bn", "order", "defense", "auroc", "auroc_interval", "site_auroc", "accuracy", "loss",
                "bytes", "messages", "flops", "seconds", "history", "parallel", "num_examples", "deploy_seconds",
-               "privacy", "ratio"}
+               "privacy", "ratio", "leak", "leak_worst"}
 
 
 def test_the_tables_fit_120_columns_and_the_json_keeps_every_field(tiny_run, capsys):
