@@ -78,7 +78,7 @@ def test_a_failing_measurement_keeps_its_row_and_names_itself(tmp_path, monkeypa
     assert row["failed"]["dCor²"].startswith("RuntimeError: Input type (torch.FloatTensor)")
     out, err = capsys.readouterr()
     table = out[out.index("AUROC: pooled"):out.index("bytes per link")].strip().splitlines()
-    assert table[-1].startswith("sl-client") and table[-1].endswith("failed") and "images" in table[-2]
+    assert table[-1].startswith("sl-client") and table[-1].endswith("dCor² failed") and "server 1.00" in table[-2]
     assert "bench.py: error: sl-client (seed 0): dCor² failed: RuntimeError: Input type" in err
     assert len([line for line in err.splitlines() if line.startswith("bench.py: error:")]) == 3
 
