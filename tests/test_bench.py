@@ -1,8 +1,6 @@
 """bench.py end to end: the tables, the files, the flags, the estimates, failures that keep their rows."""
-import contextlib
 import copy
 import csv
-import io
 import json
 import re
 import subprocess
@@ -90,15 +88,6 @@ def test_deterministic_flag_on_the_cpu_changes_nothing(tmp_path):
     saved = [torch.load(tmp_path / str(n) / "sl-batch" / "site-0.pt", weights_only=True) for n in (0, 1)]
     for part in ("client", "server"):
         assert all(torch.equal(value, saved[1][part][key]) for key, value in saved[0][part].items())
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """All seven schemes on a tiny federation, trained by the bench: (rows, what it printed, its folder)."""
-    folder, out = tmp_path_factory.mktemp("tiny"), io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rows = bench.main(TINY + ["--json", str(folder / "rows.json"), "--csv", str(folder / "rows.csv")])
-    return rows, out.getvalue(), folder
 
 
 def test_bench_smoke_all_seven_schemes_json_and_csv(tiny_run):

@@ -210,7 +210,7 @@ def test_tradeoff_trains_each_defense_at_each_strength_and_prints_the_curve(tmp_
 def test_tradeoff_plot(tmp_path):
     pytest.importorskip("matplotlib")
     rows = bench.main(TINY + ["--tradeoff", "--defense", "noise:1", "--defense", "dp:0.5", "--seeds", "2", "--attack",
-                              "--attack-steps", "5", "--plot", str(tmp_path / "tradeoff.png")])
+                              "--attack-steps", "5", "--site-sizes", "12,10", "--plot", str(tmp_path / "tradeoff.png")])
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {(row["scheme"], row["defense"]) for row in rows} == {
         ("sl-client", "none"), ("sl-client", "noise:1"), ("fedavg", "none"), ("fedavg", "dp:0.5+clip:50")}
@@ -306,19 +306,24 @@ class Forwards:
         model.register_forward_hook(lambda module, inputs, output: setattr(self, "images", self.images + len(inputs[0])))
 
 
+def trained_watching(three_sites, watched):
+    """sl-client for a round on the three sites, the server's view recorded and measured if `watched`: (the
+    images through the client part's forward passes, the run's result, every batch sent, the recorder, what
+    failed)."""
+    client_model, server_model = fresh_split()
+    forwards, sent, failed = Forwards(client_model), Sent(), {}
+    recorder = privacy.Recorder(three_sites[0], 16, seed=0, keep=24)
+    observers = [sent] + ([recorder, bench.Privacy(recorder, bench.parse_args(TINY)[0], failed, print)] if watched else [])
+    result = splitlearn.train(client_model, server_model, *three_sites, turns="client", observers=observers,
+                              **dict(FAST, rounds=1))
+    return forwards.images, result, sent, recorder, failed
+
+
 def test_the_measures_use_the_activations_the_server_received_and_run_no_forward_pass_of_their_own(three_sites):
-    args = bench.parse_args(TINY)[0]
-    counted = {}
-    for watched in (False, True):
-        client_model, server_model = fresh_split()
-        forwards, sent, failed = Forwards(client_model), Sent(), {}
-        recorder = privacy.Recorder(three_sites[0], 16, seed=0, keep=24)
-        observers = [sent] + ([recorder, bench.Privacy(recorder, args, failed, print)] if watched else [])
-        result = splitlearn.train(client_model, server_model, *three_sites, turns="client", observers=observers,
-                                  **dict(FAST, rounds=1))
-        counted[watched] = forwards.images
-    assert counted[True] == counted[False]  # training, statistics and scoring: nothing encoded again
-    assert not failed
+    trained_watching(three_sites, False)  # (the first run in a process also warms the parts up)
+    unwatched = trained_watching(three_sites, False)[0]
+    images, result, sent, recorder, failed = trained_watching(three_sites, True)
+    assert images == unwatched and not failed  # training, statistics and scoring: nothing encoded again
     for site in range(3):  # each kept batch is one the server received, whole, in the order it came, with the
         indices, kept = recorder.received(site)  # indices of the images behind it in the run's shuffled order
         assert len(indices) <= 24 and len(kept) == len(indices)
@@ -336,8 +341,8 @@ def test_the_measures_use_the_activations_the_server_received_and_run_no_forward
 
 
 @pytest.fixture(scope="module")
-def attacked():
-    return {row["scheme"]: row for row in bench.main(TINY + ["--attack", "--attack-steps", "30"])}
+def attacked(tiny_run):
+    return {row["scheme"]: row for row in tiny_run[0]}
 
 
 def lines_of(row):
