@@ -487,8 +487,11 @@ class Recorder(Observer):
 
     def round_started(self, run):
         self.activations, self.gradients, self.counts, self.upload, self.handoff = {}, {}, {}, None, None
+        # site 0's starting weights, for the inversion of FedAvg's first update only (`measure`): a copy of the
+        # whole model, on the round's clock, so not taken in any other round or scheme
         first = self.state[0] if self.state and isinstance(self.state[0], nn.Module) else None
-        self.start = None if first is None else {key: value.detach().clone() for key, value in first.state_dict().items()}
+        wanted = first is not None and run.scheme == "fedavg" and not run.history
+        self.start = {key: value.detach().clone() for key, value in first.state_dict().items()} if wanted else None
 
     def sent(self, run, source, destination, link, objects):
         if link == "client->server" and run.scheme == "central":
