@@ -107,6 +107,18 @@ def size_list(text):
     return sizes
 
 
+def poison(text):
+    """SITE:nan or SITE:SCALE, e.g. 1:1e4, as (site, what its uploads become)."""
+    site, _, how = text.partition(":")
+    try:
+        site, scale = int(site), float(how)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SITE:nan or SITE:SCALE (e.g. 1:1e4)") from None
+    if site < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sites are numbered from 0")
+    return site, scale
+
+
 def parse_args(argv):
     parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time.",
                     formatter_class=Formatter)
@@ -154,6 +166,13 @@ def parse_args(argv):
                              "only the first rounds' largest updates on the default federation)")
     training.add_argument("--delta", type=positive(float), default=1e-5, metavar="D",
                         help="--defense dp: the δ at which ε is reported")
+    training.add_argument("--max-update-ratio", type=positive(float, or_infinite=True), default=10.0, metavar="X",
+                          help="averaging leaves out an upload farther from the round's median upload than X times "
+                               "the median distance (with 3 sites or more), and any that is not finite; inf: only "
+                               "those (docs/distributed.md)")
+    training.add_argument("--poison", type=poison, default=None, metavar="SITE:nan|SITE:SCALE",
+                          help="test the averaging's checks: client SITE's uploads for averaging carry a NaN, or "
+                               "are multiplied by SCALE")
     training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     training.add_argument("--bf16", action="store_true",
@@ -210,6 +229,10 @@ def parse_args(argv):
                         help="--distributed spawned here: when a party fails, end the others and start them all "
                              "again, up to N times; they go on from their checkpoints (needs --save DIR), as under "
                              "torchrun --max-restarts N")
+    processes.add_argument("--insecure", action="store_true",
+                        help="--distributed across machines (MASTER_ADDR not a loopback address): run although the "
+                             "parties' traffic is neither authenticated nor encrypted, inside a network you trust "
+                             "(a VPN; docs/distributed.md)")
     processes.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
                         help="--distributed: the longest a party waits for another (default: one round of all "
                              "the parties' work at 5 GFLOP/s, plus a minute)")
@@ -272,6 +295,11 @@ def parse_args(argv):
         parser.error("--distributed trains for real; it cannot go with --costs-only or --profile")
     if args.distributed and args.partition != "site":
         parser.error("--distributed: each client reads its own site; --partition iid/dirichlet pools them first")
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path and os.path.isdir(path):
+            parser.error(f"{flag} {path} is a folder; it names the file to write")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        parser.error(f"--save {args.save} is a file; it names a folder to write into")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -387,6 +415,26 @@ class Privacy(Observer):
         found, leak = privacy.measure(run, self.recorder, deployed, self.args.attack_steps if self.args.attack else 0,
                                       lambda what, function: attempt(what, function, self.failed, self.say))
         entry["privacy"] = dict(found, leak=leak)
+
+
+class Poison(Observer):
+    """--poison SITE:nan|SITE:SCALE: what client SITE uploads for averaging is spoiled on its way (a NaN in its
+    first weight, or every weight times SCALE), where this process holds it: the averaging's checks are to
+    refuse it (`common.refused_uploads`). First among the observers, so that a transport sends the spoiled copy."""
+
+    def __init__(self, site, scale):
+        self.site, self.scale = site, scale
+
+    def sent(self, run, source, destination, link, objects):
+        if link != "client->aggregator" or source != self.site or objects[0][next(iter(objects[0]))].is_meta:
+            return None
+        spoiled = {key: value.clone() for key, value in objects[0].items()}
+        weights = [value for value in spoiled.values() if value.is_floating_point()]
+        if math.isnan(self.scale):
+            weights[0].view(-1)[0] = math.nan
+        else:
+            torch._foreach_mul_(weights, self.scale)
+        return (spoiled, *objects[1:])
 
 
 class Estimate:
@@ -601,12 +649,14 @@ def train_scheme(scheme, seed, args, sites, transport, say, defense, observers):
     if transport:
         client_model, server_model = transport.parts(client_model, server_model, image_shape)
     profile = Profile(args.device) if args.profile else None
-    observers = ([transport] if transport else []) + observers + ([profile] if profile else [])
+    observers = (([Poison(*args.poison)] if args.poison else []) + ([transport] if transport else []) + observers
+                 + ([profile] if profile else []))
     with profile.measure() if profile else contextlib.nullcontext():
         result = SCHEMES[scheme](client_model, server_model, *sites, rounds=args.rounds, batch_size=args.batch_size,
                                  lr=args.lr, seed=seed, bf16=args.bf16, bn=args.bn, order=args.order,
                                  device=args.device, costs_only=args.costs_only,
                                  channels_last=args.layout == "channels-last", observers=observers,
+                                 max_update_ratio=args.max_update_ratio,
                                  defense=defense if scheme in SPLIT_SCHEMES + UPLOADING else None,
                                  log=lambda line: say(line, flush=True))
     return result, profile
@@ -632,14 +682,13 @@ def main(argv=None):
     rank = transport.rank if transport else 0
     say = print if rank == 0 else lambda *lines, **options: None
     finished = kept_rows(args, parser, transport, say)
+    rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed outside the rows, and why
     if args.save and rank == 0:
-        os.makedirs(args.save, exist_ok=True)
-        with open(os.path.join(args.save, "run.json"), "w") as file:
-            json.dump(run_settings(args), file, indent=1)
+        attempt("writing run.json", lambda: report.write_json(run_settings(args), os.path.join(args.save, "run.json")),
+                failed, say)
     say(f"sites: {', '.join(f'{s.name} {len(s)}+{len(t)}' for s, t in zip(*sites))} (train+test images), "
         f"{args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
-    rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed after the last row, and why
     estimate = Estimate(len(jobs(args)) - len(finished), args.rounds,
                         say if not args.costs_only else lambda *lines, **options: None)
     for seed, scheme, defense in jobs(args):
@@ -676,6 +725,11 @@ def main(argv=None):
 def join(args, parser):
     """(transport, sites) of this process: no transport and every site in a simulation; under --distributed,
     this party's transport (connected), its own site real and the others' shapes (`Transport.sites`)."""
+    master = os.environ.get("MASTER_ADDR", "")
+    if args.distributed and not args.insecure and not distributed.is_loopback(master):
+        parser.error(f"--distributed: MASTER_ADDR {master} is not a loopback address, and the parties' traffic is "
+                     f"neither authenticated nor encrypted (docs/distributed.md); --insecure runs it inside a "
+                     f"network you trust (a VPN)")
     transport = distributed.connect(args.timeout or 1800, args.device) if args.distributed else None
     rank = transport.rank if transport else 0
     try:
@@ -749,8 +803,8 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
         attempt("save", lambda: report.save_models(models, row, sites[0], args, args.label_private
                                                    and scheme in SPLIT_SCHEMES), failed, row_say)
     row.update(privacy=what_the_server_learns(scheme, row["history"], args), **leak_of(row["history"]))
-    if failed:
-        row["failed"] = failed
+    if failed:  # (besides what the run itself reports: a checkpoint that could not be written)
+        row["failed"] = {**row.get("failed", {}), **failed}
     estimate.job_ended()
     return row, line, models[0] if sweeps else None
 
@@ -807,8 +861,11 @@ def inversion_curve(args):
                                    args.attack_steps, seed=0, log=lambda line: print(line, flush=True))
     print(report.curve_table(rows))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows, file, indent=1)
+        try:
+            report.write_json(rows, args.json)
+        except OSError as error:
+            print(f"bench.py: error: {error}", file=sys.stderr)
+            sys.exit(1)
     return rows
 
 

@@ -7,12 +7,15 @@ checkpoint at `path` loads it and goes on after its last round, to the result an
 for bit on a CPU. Under `--distributed` each party keeps its own (its last two), and the parties agree on the
 last round all of them have (`distributed.Transport.agree`). docs/reproducibility.md says what is exact where.
 """
+import contextlib
+import hashlib
+import io
 import os
 import threading
 
 import torch
 
-from common import Observer, leaves, tree_map
+from common import Observer, __version__, leaves, one_line, tree_map
 
 
 def pack(state):
@@ -47,32 +50,70 @@ def previous(path):
     return path.removesuffix(".pt") + ".previous.pt"
 
 
-def save_checkpoint(checkpoint, path, keep_previous=False):
-    """`torch.save` atomically: into a temporary file beside `path`, flushed to the disk, then renamed over it,
-    so that a kill or a power cut during the write leaves the previous checkpoint whole. `keep_previous`: the
-    one it replaces is kept as `previous(path)` (a party of a distributed run may have to go back a round)."""
+@contextlib.contextmanager
+def written(path, mode="w", keep=None):
+    """`open(path, mode)` for writing, atomically: the file is written under a temporary name beside `path`,
+    flushed to the disk, then renamed over it, so that a full disk, a kill or a power cut during the write leaves
+    the file it replaces whole (and no partial one). `keep`: where the file it replaces is moved first. A write
+    that fails removes the temporary file and raises OSError naming `path`."""
     temporary = f"{path}.tmp"
-    os.makedirs(os.path.dirname(temporary) or ".", exist_ok=True)
-    with open(temporary, "wb") as file:
-        torch.save(checkpoint, file)
-        file.flush()
-        os.fsync(file.fileno())
-    if keep_previous and os.path.exists(path):
-        os.replace(path, previous(path))
-    os.replace(temporary, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(temporary, mode, **({} if "b" in mode else dict(newline=""))) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        if keep and os.path.exists(path):
+            os.replace(path, keep)
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        if isinstance(error, OSError):  # a full disk, a folder that is a file, no permission: the file's, in one line
+            raise OSError(f"{path}: {error.strerror or error}") from None
+        raise
+
+
+class Digesting:
+    """A file being written that keeps the SHA-256 of what is written to it."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
+TRAILER = b"\nsplitmed-checkpoint "  # then: the package version, "sha256", the contents' digest, a newline
+
+
+def save_checkpoint(checkpoint, path, keep_previous=False):
+    """`torch.save`, then a last line with the package version and the SHA-256 of the contents, `written`
+    atomically. `keep_previous`: the checkpoint it replaces is kept as `previous(path)` (a party of a
+    distributed run may have to go back a round)."""
+    with written(path, "wb", keep=previous(path) if keep_previous else None) as file:
+        contents = Digesting(file)
+        torch.save(checkpoint, contents)
+        file.write(TRAILER + f"{__version__} sha256 {contents.digest.hexdigest()}\n".encode())
 
 
 class CheckpointWriter:
     """Writes checkpoints while training goes on: `write` takes a checkpoint whose tensors nothing changes
     afterwards (`pack` makes new ones), moves them to the CPU, and a thread saves it (`save_checkpoint`: on
     the disk, then renamed into place); `wait` returns when the last write is done, with its exception if it
-    raised one."""
+    raised one (the caller's to raise or report: `Checkpoint.saved`)."""
 
     def __init__(self):
         self.thread, self.error = None, None
 
     def write(self, checkpoint, path, keep_previous=False):
-        self.written()
+        error = self.wait()
+        if error:
+            raise error
         snapshot = tree_map(lambda tensor: tensor.detach().cpu(), checkpoint)  # (containers copied too)
 
         def save():
@@ -89,26 +130,64 @@ class CheckpointWriter:
         error, self.thread, self.error = self.error, None, None
         return error
 
-    def written(self):
-        """`wait`, raising what the write raised."""
-        error = self.wait()
-        if error:
-            raise error
-
 
 writer = CheckpointWriter()  # one writer per process: a run's checkpoint is on the disk before the next starts
 
 
 def load_checkpoint(path):
     """A checkpoint written by `Checkpoint`, tensors on the CPU, loaded with `weights_only=True` (tensors, numbers,
-    strings and containers; no code runs). A missing, partial or corrupted file: ValueError naming it."""
+    strings and containers; no code runs) once its digest matches its contents and its structure is a run's. A
+    file that is missing, partial, changed, damaged, of another version or of another structure: ValueError
+    naming it, in one line. (The digest finds damage and edits, not a forger: whoever can write the file can
+    write its digest too.)"""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as file:
+            contents = file.read()
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror or error}") from None
+    at = contents.rfind(TRAILER)
+    trailer = contents[at + len(TRAILER):].decode(errors="replace").split() if at >= 0 else []
+    if len(trailer) != 3 or trailer[1] != "sha256" or not contents.endswith(b"\n"):
+        raise ValueError(f"{path}: not a whole checkpoint (no digest at its end)")
+    version, _, digest = trailer
+    if version != __version__:
+        raise ValueError(f"{path}: a checkpoint of splitmed {version}, not of this version ({__version__})")
+    if hashlib.sha256(memoryview(contents)[:at]).hexdigest() != digest:
+        raise ValueError(f"{path}: its contents do not match its digest (changed or damaged)")
+    try:
+        checkpoint = torch.load(io.BytesIO(memoryview(contents)[:at]), map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a whole checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or not {"settings", "state", "run"} <= set(checkpoint):
-        raise ValueError(f"{path}: not a checkpoint of a scheme's run")
+    problem = structure_problem(checkpoint)
+    if problem:
+        raise ValueError(f"{path}: not a checkpoint of a scheme's run ({problem})")
     return checkpoint
+
+
+def structure_problem(checkpoint):
+    """What is wrong with the structure of a loaded checkpoint, or None: `Checkpoint.started` then uses it
+    without a KeyError or a TypeError."""
+    tensors = lambda value: isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                             for k, v in value.items())
+    numbers = lambda value: isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
+    if not isinstance(checkpoint, dict) or not {"settings", "state", "run", "transport"} <= set(checkpoint):
+        return "settings, state, run and transport expected"
+    run = checkpoint["run"]
+    if not isinstance(checkpoint["settings"], dict):
+        return "settings"
+    if not isinstance(checkpoint["state"], list) or not all(part is None or tensors(part) for part in checkpoint["state"]):
+        return "state"
+    if (not isinstance(run, dict) or not all(numbers(run.get(ledger)) for ledger in ("bytes", "messages", "flops"))
+            or not isinstance(run.get("seconds"), (int, float)) or not isinstance(run.get("history"), list)
+            or not all(isinstance(entry, dict) for entry in run["history"]) or "holder" not in run
+            or not isinstance(run.get("refused", []), list)):
+        return "run"
+    transport = checkpoint["transport"]
+    if transport is not None and not (isinstance(transport, dict) and numbers(transport.get("wire_bytes"))
+                                      and isinstance(transport.get("eval_bytes"), (int, float))
+                                      and isinstance(transport.get("busy"), list)):
+        return "transport"
+    return None
 
 
 def settings(run):
@@ -123,6 +202,15 @@ class Checkpoint(Observer):
 
     def __init__(self, path, transport=None):
         self.path, self.transport, self.state = path, transport, ()
+        self.error = None  # the first write that failed (a full disk): training goes on, the row reports it
+
+    def saved(self):
+        """Wait for the last write; one that failed for want of the disk is kept in `error`, and training goes on."""
+        error = writer.wait()
+        if isinstance(error, OSError):
+            self.error = self.error or one_line(error)
+        elif error:
+            raise error
 
     def started(self, run, state):
         """Load the newest checkpoint (under a transport: of the last round every party has) into `state`, the
@@ -145,28 +233,31 @@ class Checkpoint(Observer):
         differs = [key for key in expected if checkpoint["settings"].get(key) != expected[key]]
         if differs or len(checkpoint["state"]) != len(state):
             raise ValueError(f"{path}: a checkpoint of another run ({', '.join(differs) or 'its model copies'} differ)")
-        for holder, saved in zip(state, checkpoint["state"]):
-            if saved is not None:  # None: a copy another process holds (under a transport)
-                try:
+        try:
+            for holder, saved in zip(state, checkpoint["state"]):
+                if saved is not None:  # None: a copy another process holds (under a transport)
                     holder.load_state_dict(unpack(saved, holder.state_dict()))
-                except ValueError as error:
-                    raise ValueError(f"{path}: {error}") from None
-        run.load_state_dict(checkpoint["run"])
-        if self.transport:
-            self.transport.load_state_dict(checkpoint["transport"])
+            run.load_state_dict(checkpoint["run"])
+            if self.transport:
+                self.transport.load_state_dict(checkpoint["transport"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as error:
+            raise ValueError(f"{path}: not a checkpoint of this run ({one_line(error)})") from None
 
     def round_ending(self, run):
         if self.transport:  # no party passes a round's end before every party's last checkpoint is on its disk
-            writer.written()
+            self.saved()
 
     def round_ended(self, run, entry, deployed):
         if run.cfg["costs_only"]:
             return
         weights = lambda holder: holder.param_groups[0]["params"] if hasattr(holder, "param_groups") else list(holder.parameters())
         state = [None if weights(holder)[0].is_meta else pack(holder.state_dict()) for holder in self.state]
+        self.saved()
         writer.write(dict(settings=settings(run), state=state, run=run.state_dict(),
                           transport=self.transport.state_dict() if self.transport else None),
                      self.path, keep_previous=self.transport is not None)
 
     def finished(self, run, result):
-        writer.written()  # the last round's checkpoint is on the disk before the run reports
+        self.saved()  # the last round's checkpoint is on the disk before the run reports
+        if self.error:
+            result.setdefault("failed", {})["checkpoint"] = self.error

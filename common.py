@@ -16,6 +16,7 @@ Nothing here needs torchvision: a scheme file copied with this one trains any mo
 import contextlib
 import copy
 import math
+import statistics
 import time
 from collections import OrderedDict
 
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+__version__ = "0.1.0"
 LINKS = ("client->server", "server->client", "client->client", "client->aggregator", "aggregator->client")
 PARTIES = ("client", "server", "aggregator")
 DEFAULTS = dict(rounds=3, batch_size=32, lr=1e-3, device=None, seed=0, bf16=False, bn="local", log=print,
-                costs_only=False, channels_last=True, order="fixed", defense=None, observers=())
+                costs_only=False, channels_last=True, order="fixed", defense=None, observers=(), max_update_ratio=10.0)
 BN_SETTINGS = ("local", "averaged")
 ORDERS = ("fixed", "shuffled")
 
@@ -101,6 +103,8 @@ def checked(cfg):
     for name in ("rounds", "batch_size"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ValueError(f"{name} must be a positive whole number, not {cfg[name]!r}")
+    if not cfg["max_update_ratio"] > 0:  # (NaN is not either)
+        raise ValueError(f"max_update_ratio must be positive (inf: no upload refused for its distance), not {cfg['max_update_ratio']!r}")
     for name, allowed in (("bn", BN_SETTINGS), ("order", ORDERS)):
         if cfg[name] not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {cfg[name]!r}")
@@ -126,6 +130,7 @@ class Run:
         self.bytes, self.messages, self.flops = dict.fromkeys(LINKS, 0), dict.fromkeys(LINKS, 0), dict.fromkeys(PARTIES, 0)
         self.history, self.seconds = [], 0.0
         self.holder = 0  # split learning: the site that holds the one client part (site 0 starts with it)
+        self.refused = []  # the uploads the averaging left out (`accepted`): round, site, why
         self.deployed, self.deployed_sides = None, None  # each site's deployed model, and its two sides
         self._deployed_after = None  # the steps counted, and the sides deployed, when `deployed` was made
         self._steps = 0  # `compute` calls: work done since a deploy makes it stale
@@ -220,6 +225,24 @@ class Run:
         objects = self._deliver(source, destination, None, objects)
         return objects[0] if len(objects) == 1 else objects
 
+    def accepted(self, state_dicts, num_examples):
+        """The uploads for averaging that pass the checks (`refused_uploads`), with their sites' numbers of
+        examples: a refused upload is named in the log and in `refused`, and left out of the round's average.
+        Every upload refused: ValueError, the run stops. (A process that holds none of them: all of them.)"""
+        if any(leaf.is_meta for state_dict in state_dicts for leaf in leaves(state_dict)):
+            return state_dicts, num_examples
+        reasons = refused_uploads(state_dicts, self.cfg["max_update_ratio"])
+        round = len(self.history) + 1
+        for site, reason in enumerate(reasons):
+            if reason:
+                self.refused.append(dict(round=round, site=site, reason=reason))
+                if self.cfg["log"]:
+                    self.cfg["log"](f"{self.scheme}: client {site}'s update refused: {reason} (round {round})")
+        if all(reasons):
+            raise ValueError(f"round {round}: every update refused ({'; '.join(dict.fromkeys(reasons))})")
+        kept = [site for site, reason in enumerate(reasons) if not reason]
+        return [state_dicts[site] for site in kept], [num_examples[site] for site in kept]
+
     def compute(self, party, flops):
         self.flops[party] += flops
         self._steps += 1
@@ -302,7 +325,8 @@ class Run:
                       auroc_interval=last.get("auroc_interval"), site_auroc=last.get("site_auroc"),
                       accuracy=last.get("accuracy"), loss=last.get("loss"), bytes=dict(self.bytes),
                       messages=dict(self.messages), flops=dict(self.flops), seconds=self.seconds, history=self.history,
-                      models=deployed, parallel=self.parallel, num_examples=[len(s) for s in self.train_sets])
+                      models=deployed, parallel=self.parallel, num_examples=[len(s) for s in self.train_sets],
+                      refused=list(self.refused))
         for observer in self.observers:
             observer.finished(self, result)
         return result
@@ -310,11 +334,12 @@ class Run:
     def state_dict(self):
         """What a checkpoint keeps of the run itself, besides the loop's models and optimizers."""
         return dict(bytes=self.bytes, messages=self.messages, flops=self.flops, seconds=self.seconds,
-                    history=self.history, holder=self.holder)
+                    history=self.history, holder=self.holder, refused=self.refused)
 
     def load_state_dict(self, state):
         self.bytes, self.messages, self.flops = (dict(state[ledger]) for ledger in ("bytes", "messages", "flops"))
         self.seconds, self.history, self.holder = state["seconds"], state["history"], state["holder"]
+        self.refused = list(state.get("refused", []))
 
     # Inside
 
@@ -588,6 +613,36 @@ def auroc_interval(scores, labels, level=0.95, num_resamples=2000, seed=0):
 def one_line(error):
     """An exception as one line: its type and the first line of its message."""
     return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+
+def not_finite(tensors):
+    """Whether any floating-point value among `tensors` is NaN or infinite (one pass each, one host sync)."""
+    floats = [tensor for tensor in tensors if tensor.is_floating_point() and tensor.numel()]
+    if not floats:
+        return False
+    return not bool(torch.stack([peak.float() for peak in torch._foreach_norm(floats, ord=math.inf)]).isfinite().all())
+
+
+def refused_uploads(state_dicts, max_ratio):
+    """Why each of a round's uploads for averaging is refused, or None where it is not: an upload with a value
+    that is not finite; else, with three uploads or more, one farther from the round's coordinate-wise median
+    upload than `max_ratio` times the median of those distances (a scaled, an unrelated or a sign-flipped
+    model). With two uploads each is as far from their median as the other: only what is not finite shows."""
+    reasons = ["not finite" if not_finite(state_dict.values()) else None for state_dict in state_dicts]
+    finite = [site for site, reason in enumerate(reasons) if reason is None]
+    if len(finite) < 3 or max_ratio == math.inf:
+        return reasons
+    keys = [key for key, value in state_dicts[finite[0]].items() if value.is_floating_point()]
+    flat = torch.stack([torch.cat([state_dicts[site][key].detach().reshape(-1).float() for key in keys]) for site in finite])
+    ordered = flat.sort(dim=0).values
+    median = (ordered[(len(finite) - 1) // 2] + ordered[len(finite) // 2]) / 2
+    del ordered
+    distances = torch.linalg.vector_norm(flat - median, dim=1, dtype=torch.float64).tolist()
+    typical = statistics.median(distances)
+    for site, distance in zip(finite, distances):
+        if typical > 0 and distance > max_ratio * typical:
+            reasons[site] = f"{distance / typical:.3g}x the median distance from the round's median update (limit {max_ratio:g})"
+    return reasons
 
 
 def shuffled(seed, site, round, num_examples):

@@ -178,7 +178,15 @@ def _to_gray(image, path):
         pixels = rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
     if pixels.ndim != 2:
         raise ValueError(f"cannot read image {path}: unexpected shape {pixels.shape}")
-    return _stretch(pixels).astype(np.float32)
+    return _stretch(_finite(pixels, path)).astype(np.float32)
+
+
+def _finite(pixels, path):
+    """`pixels`, once every one is a number (a float TIFF may hold NaN or infinity: it would train into NaN)."""
+    bad = ~np.isfinite(pixels)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} pixel(s) are NaN or infinite")
+    return pixels
 
 
 def _stretch(pixels):
@@ -235,11 +243,20 @@ def _read_dicom(path):
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         raise ValueError(f"{path}: cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): "
                          f"{str(error).splitlines()[0][:160]}") from None
-    values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
+    values = _finite(np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64), path)
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
-        first = lambda value: float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
-        pixels = _window(values, first(dataset.WindowCenter), first(dataset.WindowWidth),
-                         str(dataset.get("VOILUTFunction", "LINEAR")).upper())
+        first = lambda value: value[0] if isinstance(value, pydicom.multival.MultiValue) and len(value) else value
+        try:
+            center, width = float(first(dataset.WindowCenter)), float(first(dataset.WindowWidth))
+            if not (math.isfinite(center) and math.isfinite(width)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: its VOI window is not two numbers (WindowCenter {dataset.WindowCenter!r}, "
+                             f"WindowWidth {dataset.WindowWidth!r})") from None
+        try:
+            pixels = _window(values, center, width, str(dataset.get("VOILUTFunction", "LINEAR")).upper())
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     else:
         if "VOILUTSequence" in dataset:
             values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)

@@ -32,6 +32,7 @@ agree on the last round all of them have one of (`Transport.agree`) and go on fr
 """
 import contextlib
 import copy
+import ipaddress
 import json
 import os
 import resource
@@ -50,7 +51,7 @@ from torch import nn
 
 import data
 from checkpoints import writer
-from common import LINKS, Observer, StandIn, leaves, one_line, training_flops, tree_map, unwrap, whole
+from common import LINKS, Observer, StandIn, leaves, not_finite, one_line, training_flops, tree_map, unwrap, whole
 from densenet_split import split_densenet121
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
@@ -157,20 +158,39 @@ class Wire:
         return buffer
 
     def receive(self, peer, given):
-        """Receive tensors shaped like `given`: into them where they are real, into new ones where not."""
+        """Receive tensors shaped like `given`: into them where they are real, into new ones where not. Nothing
+        the peer declares is believed: the header's length, each tensor's dtype and shape, its strides and its
+        place in the payload are compared with what the schedule expects (`given`) before the payload is
+        allocated; a header that differs stops the run naming the sender."""
+        expected = 1 + sum(3 + 2 * target.dim() for target in given)
         try:
-            length = self._recv(torch.empty(1, dtype=torch.int64), peer)
-            header = self._recv(torch.empty(int(length), dtype=torch.int64), peer).tolist()
+            length = int(self._recv(torch.empty(1, dtype=torch.int64), peer))
+            if length != expected:
+                raise PartyFailed(f"protocol error: {party_name(peer)} sent a header of {length} numbers, "
+                                  f"{party_name(self.rank)} expected {expected}")
+            header = self._recv(torch.empty(expected, dtype=torch.int64), peer).tolist()
             if header[0] != len(given):
                 raise PartyFailed(f"protocol error: {party_name(peer)} sent {header[0]} tensors, "
                                   f"{party_name(self.rank)} expected {len(given)}")
             entries, at = [], 1
-            for _ in given:
-                dtype, ndim = DTYPES[header[at]], header[at + 1]
+            total = sum(target.numel() * target.element_size() for target in given)
+            for target in given:
+                index, ndim = header[at], header[at + 1]
+                dtype = DTYPES[index] if 0 <= index < len(DTYPES) else None
                 shape, stride = header[at + 2:at + 2 + ndim], header[at + 2 + ndim:at + 2 + 2 * ndim]
-                entries.append((dtype, shape, stride, header[at + 2 + 2 * ndim]))
+                start = header[at + 2 + 2 * ndim] if ndim == target.dim() else -1
+                if dtype != target.dtype or tuple(shape) != tuple(target.shape):
+                    raise PartyFailed(f"protocol error: {party_name(peer)} sent {dtype or 'an unknown dtype'} "
+                                      f"{tuple(shape)} where {party_name(self.rank)} expected {target.dtype} "
+                                      f"{tuple(target.shape)}")
+                size = target.numel() * target.element_size()
+                reach = sum((n - 1) * step for n, step in zip(shape, stride)) + 1 if target.numel() else 0
+                if (min(stride, default=0) < 0 or start < 0 or start % target.element_size() or start + size > total
+                        or reach > target.numel()):
+                    raise PartyFailed(f"protocol error: {party_name(peer)} sent a tensor that does not fit its "
+                                      f"place in the message (strides {stride}, offset {start})")
+                entries.append((dtype, shape, stride, start))
                 at += 3 + 2 * ndim
-            total = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape, _, _ in entries)
             payload = self._recv(torch.empty(total, dtype=torch.uint8), peer) if total else torch.empty(0, dtype=torch.uint8)
         except PartyFailed:
             raise
@@ -178,9 +198,6 @@ class Wire:
             self.fail(peer, error)
         received = []
         for target, (dtype, shape, stride, start) in zip(given, entries):
-            if tuple(shape) != tuple(target.shape) or dtype != target.dtype:
-                raise PartyFailed(f"protocol error: {party_name(peer)} sent {dtype} {tuple(shape)} where "
-                                  f"{party_name(self.rank)} expected {target.dtype} {tuple(target.shape)}")
             size = torch.Size(shape).numel() * dtype.itemsize
             tensor = payload[start:start + size].view(dtype).as_strided(shape, stride)
             if target.is_meta:
@@ -275,7 +292,13 @@ class Transport(Observer):
             else:
                 self.wire_bytes[link] += sent
         elif self.rank == destination:
-            received = iter(self.wire.receive(source, leaves(objects)))
+            received = self.wire.receive(source, leaves(objects))
+            # What arrives is finite, or the run stops naming the sender; an upload for averaging is the
+            # averaging's to check and leave out (`Run.accepted`), and the run goes on without it.
+            if link != "client->aggregator" and not_finite(received):
+                self.fail(f"{party_name(source)}: sent values that are not finite ({link or 'evaluation'}), "
+                          f"refused by {party_name(self.rank)}")
+            received = iter(received)
             return tree_map(lambda _: next(received), objects)
         return tree_map(placeholder, objects)
 
@@ -451,18 +474,42 @@ def connect(timeout, device):
     MASTER_PORT); rank 0 hosts the rendezvous store, unless torchrun's agent does."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=timeout)))
+    store, listener = rendezvous_store(rank, world_size, timeout)
     # torchrun's store outlives a restart: each start of the parties keeps its keys apart ("failed" among them)
     store = dist.PrefixStore(f"start-{restart}/", store)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     transport = Transport(rank, world_size, store, timeout, device)
-    transport.restart = restart
+    transport.restart, transport.listener = restart, listener
     transport.watchdog = Watchdog(store, rank, world_size)
     transport.watchdog.start()
     # Any exception nothing caught (an out-of-memory, Ctrl-C), here or in another party, stops every party.
     sys.excepthook = lambda kind, error, trace: transport.fail(f"{party_name(rank)}: {one_line(error)}")
     signal.signal(signal.SIGTERM, lambda *_: transport.fail(f"{party_name(rank)} was stopped (SIGTERM)"))
     return transport
+
+
+def rendezvous_store(rank, world_size, timeout):
+    """(the run's rendezvous store, the socket it listens on or None): rank 0 hosts it on MASTER_ADDR's address
+    alone (torch's own store listens on every interface), the others connect to it; under torchrun, the store
+    of torchrun's agent (which listens as torchrun does)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=timeout)))[0], None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    listener = None
+    if rank == 0:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.create_server(address[4][:2], family=address[0], backlog=max(128, world_size))
+    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timedelta(seconds=timeout),
+                          master_listen_fd=listener.fileno() if listener else None)
+    return store, listener
+
+
+def is_loopback(host):
+    """Whether `host` (a name or an address) is this machine's loopback: traffic to it never leaves the machine."""
+    try:
+        return all(ipaddress.ip_address(found[4][0]).is_loopback for found in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
 
 
 def schedule_timeout(cut, train_sets, test_sets):

@@ -35,10 +35,11 @@ def average_models(run, models, num_examples, over_network=True):
     its state). `over_network`: copy k sits at client k, which uploads its weights and downloads the average."""
     if over_network:  # each client uploads its weights (under differential privacy, clipped and noised)
         state_dicts = [run.send(site, "aggregator", run.defend_upload(site, model)) for site, model in enumerate(models)]
+        state_dicts, num_examples = run.accepted(state_dicts, num_examples)  # one not finite, or far out: left out
     else:
         state_dicts = [model.state_dict() for model in models]
     average = fedavg(state_dicts, num_examples)
-    run.compute("aggregator", 2 * len(models) * sum(t.numel() for t in average.values()))  # a multiply, an add
+    run.compute("aggregator", 2 * len(state_dicts) * sum(t.numel() for t in average.values()))  # a multiply, an add
     for site, model in enumerate(models):
         model.load_state_dict(run.send("aggregator", site, average) if over_network else average)
 

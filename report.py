@@ -8,6 +8,7 @@ import statistics
 import torch
 
 import privacy
+from checkpoints import written
 from common import LINKS, PARTIES
 
 LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
@@ -253,7 +254,8 @@ def plot_tradeoff(rows, path):
         panel.legend(fontsize=7)
         place_labels(panel, labels, figure)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    with written(path, "wb") as file:
+        figure.savefig(file, dpi=80, format="png")
     pyplot.close(figure)
 
 
@@ -326,7 +328,8 @@ def plot(rows, path):
     tradeoff.set(xscale="log", xlabel="total bytes on all links", ylabel="final pooled AUROC (95% CI)",
                  title="AUROC against communication")
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    with written(path, "wb") as file:
+        figure.savefig(file, dpi=80, format="png")
     pyplot.close(figure)
 
 
@@ -346,7 +349,8 @@ def plot_cuts(cuts, path):
     axes.tick_params(axis="x", rotation=45)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    with written(path, "wb") as file:
+        figure.savefig(file, dpi=80, format="png")
     pyplot.close(figure)
 
 
@@ -355,17 +359,15 @@ def save_models(models, row, train_sets, args, label_private):
     `split_densenet121(cut)`, loadable on a machine without a GPU), and beside them model.json: what it takes
     to load and use them."""
     folder = save_folder(row, args)
-    os.makedirs(folder, exist_ok=True)
     for site, (client_model, server_model) in enumerate(models):
-        torch.save({part: {key: value.cpu() for key, value in model.state_dict().items()}
-                    for part, model in (("client", client_model), ("server", server_model))},
-                   os.path.join(folder, f"site-{site}.pt"))
+        with written(os.path.join(folder, f"site-{site}.pt"), "wb") as file:
+            torch.save({part: {key: value.cpu() for key, value in model.state_dict().items()}
+                        for part, model in (("client", client_model), ("server", server_model))}, file)
     info = dict(scheme=row["scheme"], defense=row.get("defense", "none"), seed=row["seed"], cut=args.cut, bn=args.bn, image_size=args.image_size,
                 in_channels=int(train_sets[0].images.shape[1]), num_classes=1, label_private=label_private,
                 sites=[train_set.name for train_set in train_sets], files=[f"site-{site}.pt" for site in range(len(models))],
                 auroc=row["auroc"], site_auroc=row["site_auroc"])
-    with open(os.path.join(folder, "model.json"), "w") as file:
-        json.dump(info, file, indent=1)
+    write_json(info, os.path.join(folder, "model.json"))
 
 
 def failures(rows):
@@ -376,18 +378,38 @@ def failures(rows):
 
 
 def write_outputs(rows, args):
-    """Rewrite --json, --csv and --save's results.json with every row so far, so that nothing finished is lost."""
+    """Rewrite --json, --csv and --save's results.json with every row so far, so that nothing finished is lost.
+    Each file is written whole or not at all (`written`); one that cannot be written costs that file alone: the
+    others are written, then OSError names every file that failed."""
+    problems = []
     for path in (args.json, args.save and os.path.join(args.save, "results.json")):
         if path:
-            with open(path, "w") as file:
-                json.dump(rows, file, indent=1)
+            try:
+                write_json(rows, path)
+            except OSError as error:
+                problems.append(str(error))
+    try:
+        write_csv(rows, args)
+    except OSError as error:
+        problems.append(str(error))
+    if problems:
+        raise OSError("; ".join(problems))
+
+
+def write_json(value, path):
+    with written(path) as file:
+        json.dump(value, file, indent=1)
+
+
+def write_csv(rows, args):
+    """--csv: one line per row."""
     if args.csv:
         columns = (["scheme", "defense", "seed", "bn", "auroc", "auroc_low", "auroc_high", "site_auroc_mean", "site_auroc_min",
                     "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
                    + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "leak_worst_attacker",
                       "leak_worst_channel", "leak_worst_ssim", "leak_worst_floor", "epsilon", "delta", "error", "failed"])
-        with open(args.csv, "w", newline="") as file:
+        with written(args.csv) as file:
             writer = csv.writer(file)
             writer.writerow(columns)
             for row in rows:
