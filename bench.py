@@ -45,6 +45,7 @@ SCHEMES = {
     "sfv2": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=2, **cfg),
     "sfv3": lambda *parts_and_sets, **cfg: splitfed.train(*parts_and_sets, version=3, **cfg),
 }
+MAX_ROUNDS = 1000
 SPLIT_SCHEMES = ("sl-client", "sl-batch", "sfv1", "sfv2", "sfv3")
 UPLOADING = ("fedavg", "sfv1", "sfv2")  # the schemes whose clients upload weights for averaging
 SENDS = {"central": "images", "fedavg": "weights"}  # what leaves a site; the split schemes send activations
@@ -309,10 +310,64 @@ def parse_args(argv):
         parser.error(f"{'--site-sizes' if args.site_sizes else '--same-scanner'} is for the synthetic federation, not --data")
     if args.site_sizes and args.sites and args.sites != len(args.site_sizes):
         parser.error(f"--sites {args.sites} but --site-sizes lists {len(args.site_sizes)} sites")
+    if args.rounds > MAX_ROUNDS:
+        parser.error(f"--rounds {args.rounds}: at most {MAX_ROUNDS} (a typo guard; a run that long wants --save and --resume)")
     if args.image_size < data.MIN_IMAGE_SIZE:  # the least that leaves DenseNet-121 1x1 pixels at its last cut
         parser.error(f"--image-size: image size {args.image_size} is too small for DenseNet-121 "
                      f"(at least {data.MIN_IMAGE_SIZE} pixels)")
     return args, parser
+
+
+def memory_needed(args, site_sizes, channels):
+    """About the most memory a run of these settings holds at once, by part, in bytes: the images (twice:
+    centralized training pools a copy), the activations autograd keeps for one mini-batch's backward (measured
+    on the meta device), per site a model copy training with Adam, its deployed copy and the server's copy
+    for it (9 copies' worth of the weights), and under --distributed about 0.5 GB per process (Python, torch)."""
+    with torch.device("meta"):
+        model = nn.Sequential(*split_densenet121(args.cut))
+    saved = {}
+
+    def keep(tensor):
+        saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(torch.empty(max(args.batch_size, 2), channels, args.image_size, args.image_size, device="meta")).sum()
+    weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return dict(images=2 * sum(site_sizes) * channels * args.image_size ** 2 * 4, activations=sum(saved.values()),
+                models=9 * len(site_sizes) * weights,
+                processes=int(0.5e9) * (len(site_sizes) + 1) if args.distributed else 0)
+
+
+def memory_available(device):
+    """(bytes this run may use on the training device, on the host): free GPU memory, and the host's
+    MemAvailable (Linux; None where it cannot be read)."""
+    host = None
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as file:
+            host = 1024 * int(next(line for line in file if line.startswith("MemAvailable:")).split()[1])
+    return (torch.cuda.mem_get_info()[0] if device == "cuda" else host), host
+
+
+def check_memory(args, parser):
+    """Refuse, before anything starts, a run that cannot fit in this machine's memory (`memory_needed`): one
+    line with the estimate, exit status 2."""
+    try:
+        sizes = (list(data.site_sizes(args.data).values()) if args.data else
+                 args.site_sizes or (list(data.SITE_SIZES) + [96] * max(0, (args.sites or 3) - len(data.SITE_SIZES)))[:args.sites or 3])
+    except ValueError as error:
+        parser.error(str(error))
+    channels = 1  # (an X-ray: one channel, as data.py reads it)
+    needed = memory_needed(args, sizes, channels)
+    on_device, on_host = memory_available(args.device)
+    checks = ([("the GPU's", needed["activations"] + needed["models"], on_device),
+               ("this machine's", needed["images"] + needed["processes"], on_host)] if args.device == "cuda"
+              else [("this machine's", sum(needed.values()), on_host)])
+    for what, part, available in checks:
+        if available is not None and part > available:
+            parts = ", ".join(f"{name} {report.human(value, 'B')}" for name, value in needed.items() if value)
+            parser.error(f"{len(sizes)} sites, {args.image_size} px, batch {args.batch_size}: about "
+                         f"{report.human(part, 'B')} needed ({parts}), {report.human(available, 'B')} of "
+                         f"{what} memory free")
 
 
 class Profile(Observer):
@@ -676,6 +731,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.inversion_curve:
         return inversion_curve(args)
+    if "RANK" not in os.environ and not args.costs_only:  # (a party started by torchrun: its machine's own affair)
+        check_memory(args, parser)
     if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
         return launch_parties(sys.argv[1:] if argv is None else argv, args, parser)
     transport, sites = join(args, parser)

@@ -383,10 +383,15 @@ def _partition(labels, num_sites, partition, alpha, rng):
 
 def site_names(root):
     """The sites `folder_sites(root)` finds, in its order, without decoding an image."""
+    return list(site_sizes(root))
+
+
+def site_sizes(root):
+    """{site: its number of images} as `folder_sites(root)` finds them, without decoding an image."""
     root = Path(root)
     if not root.exists():
         raise ValueError(f"data folder {root} does not exist")
-    return list(_scan_manifest(root) if root.is_file() else _scan_folder(root))
+    return {name: len(items) for name, items in (_scan_manifest(root) if root.is_file() else _scan_folder(root)).items()}
 
 
 def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0, test_fraction=0.25,

@@ -67,7 +67,14 @@ def _lines(rows, header, cells):
 
 
 def results_table(rows):
-    """AUROC (pooled, with its interval; per site), accuracy, wall time, and what the server can learn."""
+    """AUROC (pooled, with its interval; per site), accuracy, wall time, and what the server can learn; where
+    the averaging refused an update in any row, the refused updates (over the seeds, and the sites refused)."""
+    refusing = any(row.get("refused") for row in rows)
+
+    def refused_cell(done):
+        refused = [entry for row in done for entry in row.get("refused") or []]
+        return f"{len(refused)} (client {','.join(str(site) for site in sorted({e['site'] for e in refused}))})" if refused else "0"
+
     def cells(done):
         first = done[0]
         sites = [a for row in done for a in (row["site_auroc"] or []) if a is not None]
@@ -76,9 +83,9 @@ def results_table(rows):
                 mean_std([row["accuracy"] for row in done], 2), mean_std([row["seconds"] for row in done], 1),
                 mean_std([row["ratio"] for row in done], 2),
                 "leave" if first.get("privacy", {}).get("labels_leave") else ("stay" if first.get("privacy") else "-"),
-                privacy_cell(first)]
+                privacy_cell(first)] + [refused_cell(done)] * refusing
     return _lines(rows, ["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc", "wall s", "×central", "labels",
-                         "worst leak: SSIM (floor)"], cells)
+                         "worst leak: SSIM (floor)"] + ["updates refused"] * refusing, cells)
 
 
 def costs_table(rows):
@@ -408,7 +415,7 @@ def write_csv(rows, args):
                     "site_auroc_max", "accuracy"]
                    + [f"bytes {link}" for link in LINKS] + [f"flops {party}" for party in PARTIES]
                    + ["seconds", "ratio", "deploy_seconds", "labels_leave", "dcor", "dcor_shuffled", "leak_worst_attacker",
-                      "leak_worst_channel", "leak_worst_ssim", "leak_worst_floor", "epsilon", "delta", "error", "failed"])
+                      "leak_worst_channel", "leak_worst_ssim", "leak_worst_floor", "epsilon", "delta", "refused", "error", "failed"])
         with written(args.csv) as file:
             writer = csv.writer(file)
             writer.writerow(columns)
@@ -427,5 +434,7 @@ def write_csv(rows, args):
                                    *((row.get("leak_worst") or {}).get(key) for key in ("attacker", "channel", "ssim",
                                                                                         "ssim_floor")),
                                    row.get("epsilon"), row.get("delta"),
+                                   "; ".join(f"round {e['round']} client {e['site']}: {e['reason']}"
+                                             for e in row.get("refused") or []) or None,
                                    row.get("error"),
                                    "; ".join(f"{what}: {cause}" for what, cause in row.get("failed", {}).items()) or None])
