@@ -75,17 +75,39 @@ def written(path, mode="w", keep=None):
 
 
 class Digesting:
-    """A file being written that keeps the SHA-256 of what is written to it."""
+    """A file being written that keeps the SHA-256 of what is written to it, and the error a write raised."""
 
     def __init__(self, file):
-        self.file, self.digest = file, hashlib.sha256()
+        self.file, self.digest, self.error = file, hashlib.sha256(), None
 
     def write(self, data):
-        self.digest.update(data)
-        return self.file.write(data)
+        """Write all of `data` (torch takes a short count for an error: a full disk then raises OSError here)."""
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        left = view
+        try:
+            while left:
+                left = left[self.file.write(left):]
+        except OSError as error:
+            self.error = error
+            raise
+        return view.nbytes
 
     def flush(self):
         self.file.flush()
+
+
+def save_into(value, file):
+    """`torch.save(value)` into an open `file`; returns the SHA-256 of what it wrote. A write that fails raises
+    its own OSError (torch's would be a RuntimeError that says only "unexpected pos")."""
+    contents = Digesting(file)
+    try:
+        torch.save(value, contents)
+    except RuntimeError:
+        if contents.error:
+            raise contents.error from None
+        raise
+    return contents.digest.hexdigest()
 
 
 TRAILER = b"\nsplitmed-checkpoint "  # then: the package version, "sha256", the contents' digest, a newline
@@ -96,9 +118,8 @@ def save_checkpoint(checkpoint, path, keep_previous=False):
     atomically. `keep_previous`: the checkpoint it replaces is kept as `previous(path)` (a party of a
     distributed run may have to go back a round)."""
     with written(path, "wb", keep=previous(path) if keep_previous else None) as file:
-        contents = Digesting(file)
-        torch.save(checkpoint, contents)
-        file.write(TRAILER + f"{__version__} sha256 {contents.digest.hexdigest()}\n".encode())
+        digest = save_into(checkpoint, file)
+        file.write(TRAILER + f"{__version__} sha256 {digest}\n".encode())
 
 
 class CheckpointWriter:
@@ -205,9 +226,9 @@ class Checkpoint(Observer):
         self.error = None  # the first write that failed (a full disk): training goes on, the row reports it
 
     def saved(self):
-        """Wait for the last write; one that failed for want of the disk is kept in `error`, and training goes on."""
+        """Wait for the last write; one that failed (a full disk) is kept in `error`, and training goes on."""
         error = writer.wait()
-        if isinstance(error, OSError):
+        if isinstance(error, Exception):
             self.error = self.error or one_line(error)
         elif error:
             raise error

@@ -8,7 +8,7 @@ import statistics
 import torch
 
 import privacy
-from checkpoints import written
+from checkpoints import save_into, written
 from common import LINKS, PARTIES
 
 LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
@@ -368,8 +368,8 @@ def save_models(models, row, train_sets, args, label_private):
     folder = save_folder(row, args)
     for site, (client_model, server_model) in enumerate(models):
         with written(os.path.join(folder, f"site-{site}.pt"), "wb") as file:
-            torch.save({part: {key: value.cpu() for key, value in model.state_dict().items()}
-                        for part, model in (("client", client_model), ("server", server_model))}, file)
+            save_into({part: {key: value.cpu() for key, value in model.state_dict().items()}
+                       for part, model in (("client", client_model), ("server", server_model))}, file)
     info = dict(scheme=row["scheme"], defense=row.get("defense", "none"), seed=row["seed"], cut=args.cut, bn=args.bn, image_size=args.image_size,
                 in_channels=int(train_sets[0].images.shape[1]), num_classes=1, label_private=label_private,
                 sites=[train_set.name for train_set in train_sets], files=[f"site-{site}.pt" for site in range(len(models))],

@@ -2,6 +2,7 @@
 every scheme with one site, hand-computed averages, scikit-learn, shape arithmetic, torch's own FLOP counter) and
 the numbers docs/course.md quotes. `python -m pytest test_all.py`; the longer tests are in tests/."""
 import copy
+import math
 import re
 from pathlib import Path
 
@@ -316,6 +317,39 @@ def test_fedavg_is_the_hand_computed_weighted_mean():
     assert torch.equal(average["bn.running_mean"], torch.tensor([1.5, 1.0]))
     assert average["bn.num_batches_tracked"].item() == 5 and average["bn.num_batches_tracked"].dtype == torch.int64
     assert torch.equal(first["w"], torch.tensor([1.0, 2.0]))  # pure: the inputs are untouched
+
+
+def test_an_upload_not_finite_or_far_from_the_rounds_median_is_refused_as_computed_by_hand():
+    upload = lambda *w: {"w": torch.tensor(w), "bn.num_batches_tracked": torch.tensor(7)}
+    # the coordinate-wise median of the four: (0.5, 0.5); distances 0.707, 0.707, 0.707 and 49.3: 69.7x their median
+    four = [upload(0.0, 0.0), upload(1.0, 0.0), upload(0.0, 1.0), upload(30.0, 40.0)]
+    assert common.refused_uploads(four, 10) == [None, None, None, "69.7x the median distance from the round's "
+                                                "median update (limit 10)"]
+    assert common.refused_uploads(four, 70) == [None] * 4 and common.refused_uploads(four, math.inf) == [None] * 4
+    four[1] = upload(0.0, math.nan)  # left out first; then the median of the rest is (0, 1), the distances 1, 0, 49.2
+    assert common.refused_uploads(four, 10)[1] == "not finite" and common.refused_uploads(four, 10)[3].startswith("49.2x")
+    # two uploads: each as far from their median as the other; only what is not finite shows
+    assert common.refused_uploads([upload(0.0, 0.0), upload(1e4, 1e4)], 10) == [None, None]
+    assert common.refused_uploads([upload(0.0, math.inf), upload(1.0, 1.0)], 10) == ["not finite", None]
+
+
+def test_fedavg_leaves_a_refused_upload_out_and_renormalises_the_others(three_sites):
+    models = [nn.Linear(2, 1) for _ in range(3)]
+    with torch.no_grad():
+        for value, model in zip((1.0, math.nan, 4.0), models):
+            model.weight.fill_(value)
+            model.bias.fill_(value)
+    lines = []
+    run = Run("fedavg", *three_sites, parallel=True, log=lines.append)
+    fedlearn.average_models(run, models, [1, 5, 2])
+    assert all(torch.equal(model.weight, torch.full((1, 2), 3.0)) for model in models)  # (1 x 1 + 4 x 2) / 3
+    assert run.refused == [dict(round=1, site=1, reason="not finite")]
+    assert lines == ["fedavg: client 1's update refused: not finite (round 1)"]
+    with torch.no_grad():
+        for model in models:
+            model.weight.fill_(math.nan)
+    with pytest.raises(ValueError, match="round 1: every update refused"):
+        fedlearn.average_models(run, models, [1, 5, 2])
 
 
 def test_auroc_with_ties_matches_hand_and_scikit_learn():

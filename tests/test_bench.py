@@ -2,6 +2,7 @@
 import copy
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -212,6 +213,10 @@ def test_costs_only_at_paper_scale_with_bf16_halves_activations():
     (["--defense", "dp:1", "--schemes", "central,fedavg"], "--defense dp is for fedavg,sfv1,sfv2, not central"),
     (["--defense", "dp:1", "--clip", "inf"], "needs a finite --clip"), (["--clip", "-1"], "--clip"),
     (["--defense", "nopeek:1", "--defense", "dp:1", "--schemes", "fedavg"], "--defense nopeek is for"),
+    (["--rounds", "1001"], "at most 1000"), (["--poison", "one:nan"], "--poison"), (["--max-update-ratio", "0"], "--max-update"),
+    (["--image-size", "8192"], "3 sites, 8192 px, batch 32: about"), (["--batch-size", "100000"], "batch 100000: about"),
+    (["--sites", "100001"], "100001 sites, 48 px"), (["--sites", "100001", "--distributed"], "processes 50 TB"),
+    (["--save", "setup.py"], "--save setup.py is a file"), (["--json", "tests"], "--json tests is a folder"),
 ])
 def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -273,3 +278,45 @@ def test_an_interrupted_run_keeps_the_models_saved_before(tmp_path, monkeypatch)
                                                                          "site-1.pt"]
     assert not (tmp_path / "sfv1").exists()
     assert [row["scheme"] for row in json.loads((tmp_path / "results.json").read_text())] == ["sl-client", "sfv1"]
+
+
+@pytest.mark.parametrize("poison", ["1:nan", "1:1e4"])
+def test_a_poisoned_update_is_refused_by_name_no_model_saved_holds_a_nan_and_the_run_goes_on(poison, tmp_path, capsys):
+    """Client 1's uploads for averaging spoiled (`--poison`): FedAvg and SplitFed v1 leave them out of every round's
+    average, say so, and count them; the three sites' models train on and are saved finite."""
+    rows = bench.main(["--site-sizes", "16,12,12", "--image-size", "32", "--rounds", "2", "--batch-size", "8",
+                       "--schemes", "fedavg,sfv1", "--poison", poison, "--save", str(tmp_path)])
+    out = capsys.readouterr().out
+    reason = "not finite" if poison.endswith("nan") else "x the median distance from the round's median update (limit 10)"
+    for row in rows:
+        assert [(entry["round"], entry["site"]) for entry in row["refused"]] == [(1, 1), (2, 1)]
+        assert all(reason in entry["reason"] for entry in row["refused"]) and row["auroc"] is not None
+        assert f"{row['scheme']}: client 1's update refused: " in out
+        for site in range(3):
+            saved = torch.load(tmp_path / row["scheme"] / f"site-{site}.pt", weights_only=True)
+            assert all(value.isfinite().all() for part in saved.values() for value in part.values()
+                       if value.is_floating_point())
+    assert re.search(r"updates refused\nfedavg .* 2 \(client 1\)\n", out)
+
+
+def test_a_full_disk_costs_the_files_it_holds_only_and_names_them(tmp_path):
+    """--save on a 1 MB disk: the models and the checkpoints cannot be written there; training goes on, the rows
+    are printed and written to --json elsewhere, each failed file is named with its cause, the exit status is 1,
+    and no partial or temporary file is left on the full disk."""
+    full = tmp_path / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)]).returncode:
+        pytest.skip("a full disk takes root (mount -t tmpfs)")
+    try:
+        done = subprocess.run([sys.executable, "bench.py", *TINY, "--schemes", "fedavg", "--save", str(full),
+                               "--json", str(tmp_path / "rows.json")], capture_output=True, text=True,
+                              cwd=Path(bench.__file__).parent)
+        left = sorted(path.name for path in full.rglob("*") if path.is_file())
+    finally:
+        subprocess.run(["umount", str(full)])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{full / 'fedavg' / 'checkpoint.pt'}: No space left on device" in done.stderr
+    assert f"{full / 'fedavg' / 'site-0.pt'}: No space left on device" in done.stderr
+    assert re.search(r"\nfedavg +0\.\d+ \[", done.stdout)  # the row, printed
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["auroc"] is not None
+    assert not [name for name in left if name.endswith(".tmp") or name.endswith(".pt")], left

@@ -201,3 +201,24 @@ def test_dicom_without_pydicom_is_a_one_line_error_naming_the_extra(tmp_path, mo
     monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(ValueError, match=r"image is a DICOM file: reading it needs pydicom .*\[dicom\]"):
         data.load_image(path, 32)
+
+
+@pytest.mark.extras
+def test_a_dicom_window_that_is_empty_is_one_line_naming_the_file(tmp_path):
+    for name, center, width in (("center.dcm", "", 1024), ("both.dcm", "", "")):
+        path = write_dicom(tmp_path / name, RAMP, bits_stored=12, WindowCenter=center, WindowWidth=width)
+        with pytest.raises(ValueError, match="its VOI window is not two numbers") as error:
+            data.load_image(path, 32)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_nan_or_infinite_pixels_are_one_line_naming_the_file(tmp_path):
+    for value in (np.nan, np.inf):
+        pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+        pixels[3, 5] = value
+        path = tmp_path / "site" / "tb" / f"{value}.tiff"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, mode="F").save(path)
+        with pytest.raises(ValueError, match=r"1 pixel\(s\) are NaN or infinite") as error:
+            data.load_image(path, 32)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)

@@ -44,6 +44,9 @@ class Interrupt(Observer):
             raise KeyboardInterrupt
 
 
+TORN = []  # the files `half_written` tore
+
+
 def half_written(checkpoint, file, write=torch.save):
     """`torch.save` of the second round's checkpoint torn halfway, as a kill while writing leaves it (in the
     thread that writes checkpoints)."""
@@ -52,6 +55,7 @@ def half_written(checkpoint, file, write=torch.save):
     whole = io.BytesIO()
     write(checkpoint, whole)
     file.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+    TORN.append(file)
     raise KeyboardInterrupt
 
 
@@ -86,7 +90,8 @@ def test_every_loop_resumed_after_a_kill_mid_round_at_its_end_or_mid_write_equal
             checkpoints.writer.wait()  # as the process's end would
             done = len(checkpoints.load_checkpoint(str(path))["run"]["history"])
             assert done == (2 if kind == "boundary" else 1), (name, kind)
-            assert kind != "mid-write" or (tmp_path / f"{name}.pt.tmp").stat().st_size > 0  # the torn file beside it
+            if kind == "mid-write":  # torn, and the torn file removed: the checkpoint before it stands
+                assert TORN and not (tmp_path / f"{name}.pt.tmp").exists()
         resumed = scheme(*fresh_split(), train_sets, test_sets, observers=[Checkpoint(str(path))], **cfg)
         for key in ("bytes", "messages", "flops", "auroc", "loss"):
             assert resumed[key] == uninterrupted[key], (name, key)
@@ -184,6 +189,13 @@ def test_resume_refuses_other_settings_and_damaged_files_in_one_line_overwriting
     (damaged / "results.json").write_text(json.dumps(json.loads((folder / "results.json").read_text())[:1]))
     whole = (folder / "sl-client" / "checkpoint.pt").read_bytes()
     (damaged / "sl-client" / "checkpoint.pt").write_bytes(whole[:len(whole) // 3])
+    changed, restructured = tmp_path / "changed", tmp_path / "restructured"
+    for copy in (changed, restructured):
+        shutil.copytree(damaged, copy)
+    at = whole.index(b"data/0") + 4096  # a weight's bytes changed, the sizes the same
+    (changed / "sl-client" / "checkpoint.pt").write_bytes(whole[:at] + bytes([whole[at] ^ 1]) + whole[at + 1:])
+    checkpoints.save_checkpoint(dict(settings={}, state="weights", run={}, transport=None),
+                                str(restructured / "sl-client" / "checkpoint.pt"))  # a digest of its own, but not a run's
     files = {path: path.read_bytes() for path in [*folder.rglob("*"), *damaged.rglob("*")] if path.is_file()}
     cases = [(RESUMABLE + ["--resume", str(folder), "--cut", "pool0"], "--cut differs"),
              (RESUMABLE + ["--resume", str(folder), "--distributed", "--lr", "0.01"], "--lr differs"),  # no party started
@@ -191,7 +203,11 @@ def test_resume_refuses_other_settings_and_damaged_files_in_one_line_overwriting
              (RESUMABLE + ["--resume", str(folder), "--seeds", "2"], "--seeds differs"),
              (RESUMABLE + ["--resume", str(folder), "--rounds", "1"], "--rounds 1, but central has trained 2 already"),
              (RESUMABLE + ["--resume", str(tmp_path / "nothing")], "no run.json there"),
-             (RESUMABLE + ["--resume", str(damaged)], str(damaged / "sl-client" / "checkpoint.pt"))]
+             (RESUMABLE + ["--resume", str(damaged)], f"{damaged / 'sl-client' / 'checkpoint.pt'}: not a whole checkpoint"),
+             (RESUMABLE + ["--resume", str(changed)], f"{changed / 'sl-client' / 'checkpoint.pt'}: its contents do not "
+                                                       f"match its digest"),
+             (RESUMABLE + ["--resume", str(restructured)], f"{restructured / 'sl-client' / 'checkpoint.pt'}: not a "
+                                                           f"checkpoint of a scheme's run (state)")]
     for argv, reason in cases:
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)
