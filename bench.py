@@ -171,9 +171,9 @@ def parse_args(argv):
                           help="averaging leaves out an upload farther from the round's median upload than X times "
                                "the median distance (with 3 sites or more), and any that is not finite; inf: only "
                                "those (docs/distributed.md)")
-    training.add_argument("--poison", type=poison, default=None, metavar="SITE:nan|SITE:SCALE",
+    training.add_argument("--poison", type=poison, action="append", default=[], metavar="SITE:nan|SITE:SCALE",
                           help="test the averaging's checks: client SITE's uploads for averaging carry a NaN, or "
-                               "are multiplied by SCALE")
+                               "are multiplied by SCALE (repeat for other clients)")
     training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     training.add_argument("--bf16", action="store_true",
@@ -704,7 +704,7 @@ def train_scheme(scheme, seed, args, sites, transport, say, defense, observers):
     if transport:
         client_model, server_model = transport.parts(client_model, server_model, image_shape)
     profile = Profile(args.device) if args.profile else None
-    observers = (([Poison(*args.poison)] if args.poison else []) + ([transport] if transport else []) + observers
+    observers = ([Poison(*planted) for planted in args.poison] + ([transport] if transport else []) + observers
                  + ([profile] if profile else []))
     with profile.measure() if profile else contextlib.nullcontext():
         result = SCHEMES[scheme](client_model, server_model, *sites, rounds=args.rounds, batch_size=args.batch_size,
@@ -737,6 +737,8 @@ def main(argv=None):
         return launch_parties(sys.argv[1:] if argv is None else argv, args, parser)
     transport, sites = join(args, parser)
     rank = transport.rank if transport else 0
+    if any(site >= len(sites[0]) for site, _ in args.poison):
+        parser.error(f"--poison: there are {len(sites[0])} sites, numbered from 0")
     say = print if rank == 0 else lambda *lines, **options: None
     finished = kept_rows(args, parser, transport, say)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed outside the rows, and why

@@ -296,8 +296,8 @@ class Transport(Observer):
             # What arrives is finite, or the run stops naming the sender; an upload for averaging is the
             # averaging's to check and leave out (`Run.accepted`), and the run goes on without it.
             if link != "client->aggregator" and not_finite(received):
-                self.fail(f"{party_name(source)}: sent values that are not finite ({link or 'evaluation'}), "
-                          f"refused by {party_name(self.rank)}")
+                self.wire.fail(source, f"sent values that are not finite on {link or 'evaluation'}, refused by "
+                                       f"{party_name(self.rank)}")
             received = iter(received)
             return tree_map(lambda _: next(received), objects)
         return tree_map(placeholder, objects)

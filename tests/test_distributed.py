@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -341,3 +342,91 @@ def test_over_an_emulated_wan_the_deployment_estimate_holds_for_turns_and_for_pa
                     - bench.deployment_seconds(row, math.inf, 1.0, 1.0, 0))
         measured = row["seconds"] - unshaped["seconds"]
         assert 0.75 * modelled < measured < 1.25 * modelled, (row["scheme"], measured, modelled)
+
+
+def test_planted_nan_and_1e4_updates_are_refused_in_real_processes_as_in_the_simulation(tmp_path):
+    """Four sites, FedAvg: client 1's upload carries a NaN, client 2's is 1e4 times its weights. The aggregator's
+    process refuses both by name, averages the other two, and the run equals the simulation bit for bit."""
+    argv = ["--site-sizes", "12,8,8,8", "--image-size", "32", "--rounds", "1", "--batch-size", "8", "--threads", "1",
+            "--schemes", "fedavg", "--poison", "1:nan", "--poison", "2:1e4"]
+    try:
+        runs = {how: bench.main(argv + (["--distributed"] if how == "distributed" else []) + ["--save", str(tmp_path / how)])
+                for how in ("distributed", "simulated")}
+    finally:
+        torch.set_num_threads(2)
+    for how, (row,) in runs.items():
+        assert [(entry["site"], entry["reason"].split("x the")[0]) for entry in row["refused"]][0] == (1, "not finite"), how
+        assert row["refused"][1]["site"] == 2 and float(row["refused"][1]["reason"].split("x the")[0]) > 1e3, how
+    assert runs["distributed"][0]["refused"] == runs["simulated"][0]["refused"]
+    assert runs["distributed"][0]["auroc"] == runs["simulated"][0]["auroc"]
+    for site in range(4):
+        saved = [torch.load(tmp_path / how / "fedavg" / f"site-{site}.pt", weights_only=True)["client"]
+                 for how in ("distributed", "simulated")]
+        assert all(value.isfinite().all() and torch.equal(value, saved[1][key])
+                   for key, value in saved[0].items() if value.is_floating_point())
+
+
+def test_a_header_that_differs_from_the_schedule_is_refused_before_anything_is_allocated(monkeypatch):
+    """The receiver compares what the sender declares (the header's length, each tensor's dtype, shape, strides
+    and place) with what the schedule expects before it allocates the payload: a peer claiming 256 MB gets
+    nothing allocated; a header that fits is received bit for bit."""
+    wire = distributed.Wire(rank=0, store=None, timeout=1, device=torch.device("cpu"))
+    float32 = distributed.DTYPES.index(torch.float32)
+
+    def received(header, payload=torch.zeros(24, dtype=torch.uint8)):
+        messages, allocated = [torch.tensor([len(header)]), torch.tensor(header), payload], []
+
+        def recv(buffer, peer):
+            allocated.append(buffer.numel() * buffer.element_size())
+            return buffer.copy_(messages.pop(0)[:buffer.numel()])
+        monkeypatch.setattr(wire, "_recv", recv)
+        try:
+            return wire.receive(1, [torch.empty(2, 3)]), allocated
+        except distributed.PartyFailed as error:
+            return str(error), allocated
+    cases = [([1] * 99, "a header of 99 numbers, server expected 8", [8]),
+             ([1, float32, 2, 8192, 8192, 8192, 1, 0], "(8192, 8192) where server expected torch.float32 (2, 3)", [8, 64]),
+             ([1, 99, 2, 2, 3, 3, 1, 0], "an unknown dtype", [8, 64]), ([2, float32, 2, 2, 3, 3, 1, 0], "sent 2 tensors", [8, 64]),
+             ([1, float32, 2, 2, 3, 3, 1, -4], "does not fit", [8, 64]), ([1, float32, 2, 2, 3, 30, 1, 0], "does not fit", [8, 64])]
+    for header, message, allocated in cases:
+        got, sizes = received(header)
+        assert message in got and sizes == allocated, (header, got, sizes)
+    values = torch.arange(6.0).reshape(2, 3)
+    (tensor,), sizes = received([1, float32, 2, 2, 3, 3, 1, 0], values.reshape(-1).view(torch.uint8))
+    assert torch.equal(tensor, values) and sizes == [8, 64, 24]
+
+
+def test_the_store_listens_on_master_addr_alone_and_beyond_loopback_a_run_needs_insecure(monkeypatch, capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    store, listener = distributed.rendezvous_store(0, 1, 10)
+    store.set("key", "value")
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    with pytest.raises(ConnectionRefusedError):  # another loopback address: the store listens on 127.0.0.1 alone
+        socket.create_connection(("127.0.0.2", port), timeout=5)
+    listener.close()
+    for name, value in dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="192.0.2.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(DISTRIBUTED + ["--distributed"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "MASTER_ADDR 192.0.2.1 is not a loopback address" in err and "--insecure" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_what_arrives_not_finite_stops_the_run_naming_the_sender_except_an_upload_the_averaging_refuses(monkeypatch):
+    transport = distributed.Transport(0, 3, None, 1, "cpu")
+    arriving = torch.tensor([1.0, math.nan])
+    monkeypatch.setattr(transport.wire, "receive", lambda peer, given: [arriving.clone()])
+    for link in ("client->server", None):
+        with pytest.raises(distributed.PartyFailed, match=re.escape(
+                f"client 1 failed (sent values that are not finite on {link or 'evaluation'}, refused by server)")):
+            transport.transfer(1, "server", link, (torch.empty(2),))
+    upload, = transport.transfer(1, "aggregator", "client->aggregator", ({"w": torch.empty(2)},))
+    assert upload["w"].isnan().any()  # for the averaging to name and leave out (`Run.accepted`)
+    arriving = torch.tensor([1.0, 2.0])
+    assert torch.equal(transport.transfer(1, "server", "client->server", (torch.empty(2),))[0], arriving)
