@@ -737,8 +737,6 @@ def main(argv=None):
         return launch_parties(sys.argv[1:] if argv is None else argv, args, parser)
     transport, sites = join(args, parser)
     rank = transport.rank if transport else 0
-    if any(site >= len(sites[0]) for site, _ in args.poison):
-        parser.error(f"--poison: there are {len(sites[0])} sites, numbered from 0")
     say = print if rank == 0 else lambda *lines, **options: None
     finished = kept_rows(args, parser, transport, say)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed outside the rows, and why
@@ -797,6 +795,8 @@ def join(args, parser):
         if transport:
             distributed.stop(rank, f"{distributed.party_name(rank)}: {error}")
         parser.error(str(error))
+    if any(site >= len(sites[0]) for site, _ in args.poison):
+        parser.error(f"--poison: there are {len(sites[0])} sites, numbered from 0")
     if transport:
         transport.wire.timeout = args.timeout or distributed.schedule_timeout(args.cut, *sites)
         if transport.restart:  # started again (torchrun --max-restarts, or ours): each party from its checkpoints

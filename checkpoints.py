@@ -201,7 +201,7 @@ def structure_problem(checkpoint):
     if (not isinstance(run, dict) or not all(numbers(run.get(ledger)) for ledger in ("bytes", "messages", "flops"))
             or not isinstance(run.get("seconds"), (int, float)) or not isinstance(run.get("history"), list)
             or not all(isinstance(entry, dict) for entry in run["history"]) or "holder" not in run
-            or not isinstance(run.get("refused", []), list)):
+            or not isinstance(run.get("refused"), list)):
         return "run"
     transport = checkpoint["transport"]
     if transport is not None and not (isinstance(transport, dict) and numbers(transport.get("wire_bytes"))

@@ -128,9 +128,8 @@ class Run:
         self.image_shape = tuple(train_sets[0][0][0].shape)
         # the ledger: bytes and transfers (each one a party waits for: latency) per link, FLOPs per party
         self.bytes, self.messages, self.flops = dict.fromkeys(LINKS, 0), dict.fromkeys(LINKS, 0), dict.fromkeys(PARTIES, 0)
-        self.history, self.seconds = [], 0.0
+        self.history, self.seconds, self.refused = [], 0.0, []  # refused: uploads `accepted` left out, and why
         self.holder = 0  # split learning: the site that holds the one client part (site 0 starts with it)
-        self.refused = []  # the uploads the averaging left out (`accepted`): round, site, why
         self.deployed, self.deployed_sides = None, None  # each site's deployed model, and its two sides
         self._deployed_after = None  # the steps counted, and the sides deployed, when `deployed` was made
         self._steps = 0  # `compute` calls: work done since a deploy makes it stale
@@ -224,24 +223,6 @@ class Run:
         round's time: evaluation is measurement, not the scheme's cost."""
         objects = self._deliver(source, destination, None, objects)
         return objects[0] if len(objects) == 1 else objects
-
-    def accepted(self, state_dicts, num_examples):
-        """The uploads for averaging that pass the checks (`refused_uploads`), with their sites' numbers of
-        examples: a refused upload is named in the log and in `refused`, and left out of the round's average.
-        Every upload refused: ValueError, the run stops. (A process that holds none of them: all of them.)"""
-        if any(leaf.is_meta for state_dict in state_dicts for leaf in leaves(state_dict)):
-            return state_dicts, num_examples
-        reasons = refused_uploads(state_dicts, self.cfg["max_update_ratio"])
-        round = len(self.history) + 1
-        for site, reason in enumerate(reasons):
-            if reason:
-                self.refused.append(dict(round=round, site=site, reason=reason))
-                if self.cfg["log"]:
-                    self.cfg["log"](f"{self.scheme}: client {site}'s update refused: {reason} (round {round})")
-        if all(reasons):
-            raise ValueError(f"round {round}: every update refused ({'; '.join(dict.fromkeys(reasons))})")
-        kept = [site for site, reason in enumerate(reasons) if not reason]
-        return [state_dicts[site] for site in kept], [num_examples[site] for site in kept]
 
     def compute(self, party, flops):
         self.flops[party] += flops
@@ -338,8 +319,7 @@ class Run:
 
     def load_state_dict(self, state):
         self.bytes, self.messages, self.flops = (dict(state[ledger]) for ledger in ("bytes", "messages", "flops"))
-        self.seconds, self.history, self.holder = state["seconds"], state["history"], state["holder"]
-        self.refused = list(state.get("refused", []))
+        self.seconds, self.history, self.holder, self.refused = (state[key] for key in ("seconds", "history", "holder", "refused"))
 
     # Inside
 
@@ -623,6 +603,25 @@ def not_finite(tensors):
     return not bool(torch.stack([peak.float() for peak in torch._foreach_norm(floats, ord=math.inf)]).isfinite().all())
 
 
+def accepted(run, state_dicts, num_examples):
+    """The uploads for averaging of `run`'s round that pass the checks (`refused_uploads`), with their sites'
+    numbers of examples: a refused upload is named in the log and in `run.refused`, and left out of the round's
+    average. Every upload refused: ValueError, the run stops. (A process that holds none of them: all of them.)"""
+    if any(leaf.is_meta for state_dict in state_dicts for leaf in leaves(state_dict)):
+        return state_dicts, num_examples
+    reasons = refused_uploads(state_dicts, run.cfg["max_update_ratio"])
+    round = len(run.history) + 1
+    for site, reason in enumerate(reasons):
+        if reason:
+            run.refused.append(dict(round=round, site=site, reason=reason))
+            if run.cfg["log"]:
+                run.cfg["log"](f"{run.scheme}: client {site}'s update refused: {reason} (round {round})")
+    if all(reasons):
+        raise ValueError(f"round {round}: every update refused ({'; '.join(dict.fromkeys(reasons))})")
+    kept = [site for site, reason in enumerate(reasons) if not reason]
+    return [state_dicts[site] for site in kept], [num_examples[site] for site in kept]
+
+
 def refused_uploads(state_dicts, max_ratio):
     """Why each of a round's uploads for averaging is refused, or None where it is not: an upload with a value
     that is not finite; else, with three uploads or more, one farther from the round's coordinate-wise median
@@ -632,17 +631,32 @@ def refused_uploads(state_dicts, max_ratio):
     finite = [site for site, reason in enumerate(reasons) if reason is None]
     if len(finite) < 3 or max_ratio == math.inf:
         return reasons
-    keys = [key for key, value in state_dicts[finite[0]].items() if value.is_floating_point()]
-    flat = torch.stack([torch.cat([state_dicts[site][key].detach().reshape(-1).float() for key in keys]) for site in finite])
-    ordered = flat.sort(dim=0).values
-    median = (ordered[(len(finite) - 1) // 2] + ordered[len(finite) // 2]) / 2
-    del ordered
-    distances = torch.linalg.vector_norm(flat - median, dim=1, dtype=torch.float64).tolist()
+    squares = []  # per weight, each finite upload's squared distance from the median upload's
+    for key, value in state_dicts[finite[0]].items():
+        if value.is_floating_point():
+            values = [state_dicts[site][key].detach().float() for site in finite]
+            middle = coordinate_median(values)
+            squares.append(torch.stack([torch.linalg.vector_norm(v - middle, dtype=torch.float64) for v in values]) ** 2)
+    distances = torch.stack(squares).sum(0).sqrt().tolist()
     typical = statistics.median(distances)
     for site, distance in zip(finite, distances):
         if typical > 0 and distance > max_ratio * typical:
             reasons[site] = f"{distance / typical:.3g}x the median distance from the round's median update (limit {max_ratio:g})"
     return reasons
+
+
+def coordinate_median(tensors):
+    """The element-wise median of tensors of one shape (for an even count, the mean of the two middle values):
+    for a few, an odd-even transposition network of minimums and maximums (as many passes as tensors, each
+    element-wise: several times faster than a sort along the stack's first dimension), else that sort."""
+    if len(tensors) > 16:
+        ordered = list(torch.stack(tensors).sort(dim=0).values)
+    else:
+        ordered = list(tensors)
+        for step in range(len(ordered)):
+            for i in range(step % 2, len(ordered) - 1, 2):
+                ordered[i], ordered[i + 1] = torch.minimum(ordered[i], ordered[i + 1]), torch.maximum(ordered[i], ordered[i + 1])
+    return (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
 
 
 def shuffled(seed, site, round, num_examples):

@@ -294,7 +294,7 @@ class Transport(Observer):
         elif self.rank == destination:
             received = self.wire.receive(source, leaves(objects))
             # What arrives is finite, or the run stops naming the sender; an upload for averaging is the
-            # averaging's to check and leave out (`Run.accepted`), and the run goes on without it.
+            # averaging's to check and leave out (`common.accepted`), and the run goes on without it.
             if link != "client->aggregator" and not_finite(received):
                 self.wire.fail(source, f"sent values that are not finite on {link or 'evaluation'}, refused by "
                                        f"{party_name(self.rank)}")

@@ -7,7 +7,7 @@ To reuse: copy this file with common.py.
 """
 import torch
 
-from common import Run, tensors, training_flops
+from common import Run, accepted, tensors, training_flops
 
 
 def fedavg(state_dicts, num_examples):
@@ -35,7 +35,7 @@ def average_models(run, models, num_examples, over_network=True):
     its state). `over_network`: copy k sits at client k, which uploads its weights and downloads the average."""
     if over_network:  # each client uploads its weights (under differential privacy, clipped and noised)
         state_dicts = [run.send(site, "aggregator", run.defend_upload(site, model)) for site, model in enumerate(models)]
-        state_dicts, num_examples = run.accepted(state_dicts, num_examples)  # one not finite, or far out: left out
+        state_dicts, num_examples = accepted(run, state_dicts, num_examples)  # one not finite, or far out: left out
     else:
         state_dicts = [model.state_dict() for model in models]
     average = fedavg(state_dicts, num_examples)

@@ -331,6 +331,9 @@ def test_an_upload_not_finite_or_far_from_the_rounds_median_is_refused_as_comput
     # two uploads: each as far from their median as the other; only what is not finite shows
     assert common.refused_uploads([upload(0.0, 0.0), upload(1e4, 1e4)], 10) == [None, None]
     assert common.refused_uploads([upload(0.0, math.inf), upload(1.0, 1.0)], 10) == ["not finite", None]
+    for count in range(1, 21):  # the median by its network (up to 16) and by a sort, against numpy's
+        values = torch.randn(count, 5, 3, dtype=torch.float64)
+        assert torch.allclose(common.coordinate_median(list(values)), torch.from_numpy(np.median(values.numpy(), axis=0)))
 
 
 def test_fedavg_leaves_a_refused_upload_out_and_renormalises_the_others(three_sites):
