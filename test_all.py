@@ -331,6 +331,8 @@ def test_an_upload_not_finite_or_far_from_the_rounds_median_is_refused_as_comput
     # two uploads: each as far from their median as the other; only what is not finite shows
     assert common.refused_uploads([upload(0.0, 0.0), upload(1e4, 1e4)], 10) == [None, None]
     assert common.refused_uploads([upload(0.0, math.inf), upload(1.0, 1.0)], 10) == ["not finite", None]
+    assert not common.not_finite([torch.tensor([3e38, 3e38]), torch.tensor([1, 2])])  # a sum that overflows: finite
+    assert common.not_finite([torch.ones(3), torch.tensor([1.0, -math.inf], dtype=torch.bfloat16)])
     for count in range(1, 21):  # the median by its network (up to 16) and by a sort, against numpy's
         values = torch.randn(count, 5, 3, dtype=torch.float64)
         assert torch.allclose(common.coordinate_median(list(values)), torch.from_numpy(np.median(values.numpy(), axis=0)))
