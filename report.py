@@ -85,7 +85,7 @@ def results_table(rows):
                 "leave" if first.get("privacy", {}).get("labels_leave") else ("stay" if first.get("privacy") else "-"),
                 privacy_cell(first)] + [refused_cell(done)] * refusing
     return _lines(rows, ["scheme", "AUROC [95% CI]", "site mean (min–max)", "acc", "wall s", "×central", "labels",
-                         "worst leak: SSIM (floor)"] + ["updates refused"] * refusing, cells)
+                         "worst leak: SSIM (floor)"] + ["refused"] * refusing, cells)
 
 
 def costs_table(rows):

@@ -296,7 +296,8 @@ def test_a_poisoned_update_is_refused_by_name_no_model_saved_holds_a_nan_and_the
             saved = torch.load(tmp_path / row["scheme"] / f"site-{site}.pt", weights_only=True)
             assert all(value.isfinite().all() for part in saved.values() for value in part.values()
                        if value.is_floating_point())
-    assert re.search(r"updates refused\nfedavg .* 2 \(client 1\)\n", out)
+    assert re.search(r"  refused\nfedavg .* 2 \(client 1\)\n", out)
+    assert max(len(line) for line in report.results_table(rows).splitlines()) <= 120
 
 
 def test_a_full_disk_costs_the_files_it_holds_only_and_names_them(tmp_path):
