@@ -157,11 +157,12 @@ class Wire:
         self.waits.append((started, time.perf_counter()))
         return buffer
 
-    def receive(self, peer, given):
+    def receive(self, peer, given, finite_on=None):
         """Receive tensors shaped like `given`: into them where they are real, into new ones where not. Nothing
         the peer declares is believed: the header's length, each tensor's dtype and shape, its strides and its
         place in the payload are compared with what the schedule expects (`given`) before the payload is
-        allocated; a header that differs stops the run naming the sender."""
+        allocated; a header that differs stops the run naming the sender. `finite_on`: the link whose values
+        must be finite, checked in the payload before they go anywhere (no GPU sync); None: not checked."""
         expected = 1 + sum(3 + 2 * target.dim() for target in given)
         try:
             length = int(self._recv(torch.empty(1, dtype=torch.int64), peer))
@@ -178,8 +179,8 @@ class Wire:
                 index, ndim = header[at], header[at + 1]
                 dtype = DTYPES[index] if 0 <= index < len(DTYPES) else None
                 shape, stride = header[at + 2:at + 2 + ndim], header[at + 2 + ndim:at + 2 + 2 * ndim]
-                start = header[at + 2 + 2 * ndim] if ndim == target.dim() else -1
-                if dtype != target.dtype or tuple(shape) != tuple(target.shape):
+                start = header[at + 2 + 2 * ndim]
+                if dtype != target.dtype or ndim != target.dim() or tuple(shape) != tuple(target.shape):
                     raise PartyFailed(f"protocol error: {party_name(peer)} sent {dtype or 'an unknown dtype'} "
                                       f"{tuple(shape)} where {party_name(self.rank)} expected {target.dtype} "
                                       f"{tuple(target.shape)}")
@@ -189,17 +190,19 @@ class Wire:
                         or reach > target.numel()):
                     raise PartyFailed(f"protocol error: {party_name(peer)} sent a tensor that does not fit its "
                                       f"place in the message (strides {stride}, offset {start})")
-                entries.append((dtype, shape, stride, start))
+                entries.append((stride, start))
                 at += 3 + 2 * ndim
             payload = self._recv(torch.empty(total, dtype=torch.uint8), peer) if total else torch.empty(0, dtype=torch.uint8)
         except PartyFailed:
             raise
         except Exception as error:
             self.fail(peer, error)
+        arrived = [payload[start:start + target.numel() * target.element_size()].view(target.dtype)
+                   .as_strided(target.shape, stride) for target, (stride, start) in zip(given, entries)]
+        if finite_on and not_finite(arrived):
+            self.fail(peer, f"sent values that are not finite on {finite_on}, refused by {party_name(self.rank)}")
         received = []
-        for target, (dtype, shape, stride, start) in zip(given, entries):
-            size = torch.Size(shape).numel() * dtype.itemsize
-            tensor = payload[start:start + size].view(dtype).as_strided(shape, stride)
+        for target, tensor in zip(given, arrived):
             if target.is_meta:
                 received.append(tensor.to(self.device, non_blocking=True))
             else:
@@ -292,13 +295,10 @@ class Transport(Observer):
             else:
                 self.wire_bytes[link] += sent
         elif self.rank == destination:
-            received = self.wire.receive(source, leaves(objects))
             # What arrives is finite, or the run stops naming the sender; an upload for averaging is the
             # averaging's to check and leave out (`common.accepted`), and the run goes on without it.
-            if link != "client->aggregator" and not_finite(received):
-                self.wire.fail(source, f"sent values that are not finite on {link or 'evaluation'}, refused by "
-                                       f"{party_name(self.rank)}")
-            received = iter(received)
+            received = iter(self.wire.receive(source, leaves(objects),
+                                              finite_on=None if link == "client->aggregator" else link or "evaluation"))
             return tree_map(lambda _: next(received), objects)
         return tree_map(placeholder, objects)
 

@@ -421,7 +421,12 @@ def test_the_store_listens_on_master_addr_alone_and_beyond_loopback_a_run_needs_
 def test_what_arrives_not_finite_stops_the_run_naming_the_sender_except_an_upload_the_averaging_refuses(monkeypatch):
     transport = distributed.Transport(0, 3, None, 1, "cpu")
     arriving = torch.tensor([1.0, math.nan])
-    monkeypatch.setattr(transport.wire, "receive", lambda peer, given: [arriving.clone()])
+
+    def recv(buffer, peer):  # each transfer: a length, a header, the payload of `arriving` (client 1 is rank 2)
+        header = [1, distributed.DTYPES.index(torch.float32), 1, 2, 1, 0]
+        message = {1: torch.tensor([len(header)]), 6: torch.tensor(header)}.get(buffer.numel(), arriving.view(torch.uint8))
+        return buffer.copy_(message)
+    monkeypatch.setattr(transport.wire, "_recv", recv)
     for link in ("client->server", None):
         with pytest.raises(distributed.PartyFailed, match=re.escape(
                 f"client 1 failed (sent values that are not finite on {link or 'evaluation'}, refused by server)")):
