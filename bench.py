@@ -30,6 +30,7 @@ import distributed
 import fedlearn
 import privacy
 import report
+import secure
 import splitfed
 import splitlearn
 from checkpoints import Checkpoint
@@ -230,10 +231,19 @@ def parse_args(argv):
                         help="--distributed spawned here: when a party fails, end the others and start them all "
                              "again, up to N times; they go on from their checkpoints (needs --save DIR), as under "
                              "torchrun --max-restarts N")
+    processes.add_argument("--provision", metavar="DIR",
+                        help="write one kit per party of this federation (its sites as --sites, --site-sizes or "
+                             "--data give them) into DIR: DIR/server, DIR/client-0, ...; nothing is trained "
+                             "(needs the [secure] extra; docs/distributed.md)")
+    processes.add_argument("--key", metavar="PATH",
+                        help="--distributed: every message between the parties authenticated and encrypted, and "
+                             "what they write to the rendezvous store signed, with the kits of --provision: PATH "
+                             "is their folder when the parties are spawned here, this party's own kit under "
+                             "torchrun (default: none, gloo's plain TCP; needs the [secure] extra)")
     processes.add_argument("--insecure", action="store_true",
-                        help="--distributed across machines (MASTER_ADDR not a loopback address): run although the "
-                             "parties' traffic is neither authenticated nor encrypted, inside a network you trust "
-                             "(a VPN; docs/distributed.md)")
+                        help="--distributed across machines (MASTER_ADDR not a loopback address) without --key: "
+                             "run although the parties' traffic is neither authenticated nor encrypted, inside a "
+                             "network you trust (a VPN; docs/distributed.md)")
     processes.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
                         help="--distributed: the longest a party waits for another (default: one round of all "
                              "the parties' work at 5 GFLOP/s, plus a minute)")
@@ -294,6 +304,18 @@ def parse_args(argv):
         parser.error("--save keeps trained models; --costs-only trains none")
     if args.distributed and (args.costs_only or args.profile):
         parser.error("--distributed trains for real; it cannot go with --costs-only or --profile")
+    if args.key and not args.distributed:
+        parser.error("--key authenticates the parties of a --distributed run; add --distributed")
+    if args.key and args.insecure:
+        parser.error("--key protects the traffic, --insecure runs it unprotected: choose one")
+    if args.provision and (args.distributed or args.key):
+        parser.error("--provision writes the kits and trains nothing; start the run with --distributed --key after")
+    for flag, wanted in (("--provision", args.provision), ("--key", args.key)):
+        try:
+            if wanted:
+                secure.require(flag)
+        except ValueError as error:
+            parser.error(str(error))
     if args.distributed and args.partition != "site":
         parser.error("--distributed: each client reads its own site; --partition iid/dirichlet pools them first")
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
@@ -729,8 +751,8 @@ def main(argv=None):
     set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.inversion_curve:
-        return inversion_curve(args)
+    if args.inversion_curve or args.provision:  # (tasks of their own, with no federation to train)
+        return inversion_curve(args) if args.inversion_curve else provision(args, parser)
     if "RANK" not in os.environ and not args.costs_only:  # (a party started by torchrun: its machine's own affair)
         check_memory(args, parser)
     if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
@@ -783,11 +805,17 @@ def join(args, parser):
     """(transport, sites) of this process: no transport and every site in a simulation; under --distributed,
     this party's transport (connected), its own site real and the others' shapes (`Transport.sites`)."""
     master = os.environ.get("MASTER_ADDR", "")
-    if args.distributed and not args.insecure and not distributed.is_loopback(master):
-        parser.error(f"--distributed: MASTER_ADDR {master} is not a loopback address, and the parties' traffic is "
-                     f"neither authenticated nor encrypted (docs/distributed.md); --insecure runs it inside a "
-                     f"network you trust (a VPN)")
-    transport = distributed.connect(args.timeout or 1800, args.device) if args.distributed else None
+    if args.distributed and not (args.key or args.insecure) and not distributed.is_loopback(master):
+        parser.error(f"--distributed: MASTER_ADDR {master} is not a loopback address: --key (the kits of "
+                     f"--provision) authenticates and encrypts the parties' traffic (docs/distributed.md); "
+                     f"--insecure runs it unprotected, inside a network you trust (a VPN)")
+    kit = None
+    if args.key:
+        try:
+            kit = secure.load_kit(args.key, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        except ValueError as error:
+            parser.error(str(error))
+    transport = distributed.connect(args.timeout or 1800, args.device, kit) if args.distributed else None
     rank = transport.rank if transport else 0
     try:
         sites = transport.sites(lambda: load_own_site(args, rank - 1)) if transport else load_sites(args)
@@ -894,7 +922,8 @@ def print_tables(rows, args, transport):
         print(report.results_table(rows))
     print("\nbytes per link (c: clients, s: server, agg: aggregator), FLOPs per party, deploy s: the estimated time "
           "on a real\nnetwork (--bandwidth, --latency, --client-tflops, --server-tflops)"
-          + ("; wire: payload bytes the processes sent (evaluation apart)" if transport else "") + ".")
+          + ("; wire: payload bytes the processes sent (evaluation apart); framing: what those messages took beyond "
+             "their payloads (lengths, headers, and with --key a 16-byte tag per MiB)" if transport else "") + ".")
     print(report.costs_table(rows))
     if args.tradeoff:
         print("\nwhat each defense buys (each measure in the round it was worst: dCor², attack, label leak; "
@@ -941,19 +970,42 @@ def sweep_cuts(scheme, model, train_sets, args, failed, say):
             attempt("cuts plot", lambda: report.plot_cuts(cuts, args.plot.removesuffix(".png") + "-cuts.png"), failed, say)
 
 
-def launch_parties(argv, args, parser):
-    """`--distributed` without torchrun: every party a process on this machine; returns rank 0's rows."""
+def num_sites(args, parser):
+    """How many sites the run's federation has (the clients of a distributed run)."""
     try:
-        num_sites = (len(data.site_names(args.data)) if args.data else
-                     len(args.site_sizes) if args.site_sizes else args.sites or 3)
+        return len(data.site_names(args.data)) if args.data else len(args.site_sizes) if args.site_sizes else args.sites or 3
     except ValueError as error:
         parser.error(str(error))
+
+
+def provision(args, parser):
+    """--provision DIR: one kit per party (`secure.provision`); returns no rows."""
+    try:
+        paths = secure.provision(args.provision, num_sites(args, parser) + 1)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    print(f"kits for {len(paths)} parties in {args.provision}: {', '.join(map(os.path.basename, paths))}; "
+          f"each party's machine gets its own alone (docs/distributed.md)")
+    return []
+
+
+def launch_parties(argv, args, parser):
+    """`--distributed` without torchrun: every party a process on this machine; returns rank 0's rows."""
+    num_parties = num_sites(args, parser) + 1
+    if args.key:  # every party's kit, checked here, before any party starts
+        if not os.path.isdir(args.key):
+            parser.error(f"--key {args.key}: the parties spawned here take their kits from a folder (--provision DIR)")
+        for rank in range(num_parties):
+            try:
+                secure.load_kit(args.key, rank, num_parties)
+            except ValueError as error:
+                parser.error(str(error))
     if args.resume:  # refused here, in one line, before any party starts
         resumable(args, parser.error, lambda *lines, **options: None, rank=0)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // (num_sites + 1))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // num_parties)
     with tempfile.TemporaryDirectory() as folder:
         rows_path = args.json or os.path.join(folder, "rows.json")
-        status = distributed.launch(argv, num_sites + 1, threads, rows_path, args.max_restarts)
+        status = distributed.launch(argv, num_parties, threads, rows_path, args.max_restarts)
         if status:
             sys.exit(status)
         with open(rows_path) as file:

@@ -206,6 +206,7 @@ def structure_problem(checkpoint):
     transport = checkpoint["transport"]
     if transport is not None and not (isinstance(transport, dict) and numbers(transport.get("wire_bytes"))
                                       and isinstance(transport.get("eval_bytes"), (int, float))
+                                      and isinstance(transport.get("framing_bytes"), (int, float))
                                       and isinstance(transport.get("busy"), list)):
         return "transport"
     return None

@@ -50,9 +50,11 @@ import torch.distributed as dist
 from torch import nn
 
 import data
+import secure
 from checkpoints import writer
 from common import LINKS, Observer, StandIn, leaves, not_finite, one_line, training_flops, tree_map, unwrap, whole
 from densenet_split import split_densenet121
+from secure import party_name
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
           torch.bool)
@@ -65,10 +67,6 @@ class PartyFailed(Exception):
 
 def rank_of(party):
     return party + 1 if isinstance(party, int) else 0
-
-
-def party_name(rank):
-    return "server" if rank == 0 else f"client {rank - 1}"
 
 
 def placement(scheme):
@@ -91,20 +89,42 @@ def memory_order(tensor):
     return permuted.reshape(-1), tensor.stride()
 
 
-class Wire:
-    """Point-to-point messages between this process and its peers (gloo, no pickle): per transfer a length, a
-    header (per tensor: dtype, shape, strides, offset) and one payload of the tensors' bytes in their own memory
-    order, so that the receiver rebuilds them bit for bit. It notes how long this process waits for a peer."""
+class Gloo:
+    """The wire's messages as gloo's point-to-point sends: neither authenticated nor encrypted (`secure.Mesh`
+    is, with the same calls)."""
 
-    def __init__(self, rank, store, timeout, device):
+    def isend(self, tensor, peer):
+        return dist.isend(tensor, peer)
+
+    def recv(self, buffer, peer, timeout):
+        dist.irecv(buffer, peer).wait(timeout)
+        return buffer
+
+    def overhead(self, size):
+        return 0
+
+    def close(self):
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class Wire:
+    """Point-to-point messages between this process and its peers (no pickle): per transfer a length, a header
+    (per tensor: dtype, shape, strides, offset) and one payload of the tensors' bytes in their own memory
+    order, so that the receiver rebuilds them bit for bit; over gloo, or sealed on a mesh of the parties' own
+    (`secure.Mesh`, with --key). It notes how long this process waits for a peer."""
+
+    def __init__(self, rank, store, timeout, device, channel=None):
         self.rank, self.store, self.timeout, self.device = rank, store, timeout, device
+        self.channel = channel or Gloo()
         self.waits = []  # (start, end) on the monotonic clock: waiting for a peer
         self.in_flight = []  # sends not yet complete: (peer, messages, their works)
 
     def fail(self, peer, error):
-        """Name the party that failed first (another process may have noted it in the store) and stop."""
+        """Name the party that failed first (another process may have noted it in the store) and stop. A
+        message that failed authentication names no party: anyone on the network may have sent it."""
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        message = f"{party_name(peer)} failed ({reason})"
+        message = reason if isinstance(error, secure.AuthenticationFailed) else f"{party_name(peer)} failed ({reason})"
         with contextlib.suppress(Exception):
             if self.store.check(["failed"]):
                 message = self.store.get("failed").decode()
@@ -113,7 +133,8 @@ class Wire:
         raise PartyFailed(message)
 
     def send(self, peer, tensors):
-        """Send `tensors` to `peer` without waiting for them to arrive; returns the payload's bytes."""
+        """Send `tensors` to `peer` without waiting for them to arrive; returns the payload's bytes and the
+        framing's: the length and the header, and with --key a tag per MiB of each message (`secure.overhead`)."""
         flats = [memory_order(t.detach()) for t in tensors]
         by_size = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())  # aligned offsets
         offsets, offset = [0] * len(tensors), 0
@@ -126,11 +147,11 @@ class Wire:
         payload = torch.cat([torch.empty(0, dtype=torch.uint8)] + [flats[i][0].cpu().view(torch.uint8) for i in by_size])
         messages = [message for message in (torch.tensor([len(header)]), torch.tensor(header), payload) if len(message)]
         try:
-            self.in_flight.append((peer, messages, [dist.isend(message, peer) for message in messages]))
+            self.in_flight.append((peer, messages, [self.channel.isend(message, peer) for message in messages]))
         except Exception as error:
             self.fail(peer, error)
         self.settle(wait=False)
-        return len(payload)
+        return len(payload), 8 + 8 * len(header) + sum(self.channel.overhead(m.numel() * m.element_size()) for m in messages)
 
     def settle(self, wait=True):
         """Complete this process's sends in flight (wait=True), or let go of those already done. A party does
@@ -153,7 +174,7 @@ class Wire:
 
     def _recv(self, buffer, peer):
         started = time.perf_counter()
-        dist.irecv(buffer, peer).wait(timedelta(seconds=self.timeout))
+        self.channel.recv(buffer, peer, timedelta(seconds=self.timeout))
         self.waits.append((started, time.perf_counter()))
         return buffer
 
@@ -216,14 +237,15 @@ class Transport(Observer):
     """Makes a run's sends real between the parties of a distributed run, one process each (`Wire`), and sums
     what every process counted; the schedule is the scheme loop's, the same in every process."""
 
-    def __init__(self, rank, world_size, store, timeout, device):
+    def __init__(self, rank, world_size, store, timeout, device, channel=None):
         self.rank, self.world_size, self.store = rank, world_size, store
         self.device = torch.device(device)
-        self.wire = Wire(rank, store, timeout, self.device)
+        self.wire = Wire(rank, store, timeout, self.device, channel)
         self.scheme, self.num_finished = None, 0
         self.restart = 0  # how many times the parties were started again (torchrun's restart count)
         self.wire_bytes = dict.fromkeys(LINKS, 0)  # payload bytes this process sent, per link
         self.eval_bytes = 0  # payload bytes of evaluation and collection this process sent
+        self.framing_bytes = 0  # what the ledger's transfers this process sent took beyond their payloads
         self.busy, self.round_start = [], None  # (start, end) on the monotonic clock: this party working
         self.epoch = time.time() - time.perf_counter()  # monotonic to wall-clock time, to compare parties
 
@@ -289,11 +311,12 @@ class Transport(Observer):
         if source == destination:  # the server and the aggregator share rank 0
             return objects
         if self.rank == source:
-            sent = self.wire.send(destination, leaves(objects))
+            sent, framing = self.wire.send(destination, leaves(objects))
             if link is None:
                 self.eval_bytes += sent
             else:
                 self.wire_bytes[link] += sent
+                self.framing_bytes += framing
         elif self.rank == destination:
             # What arrives is finite, or the run stops naming the sender; an upload for averaging is the
             # averaging's to check and leave out (`common.accepted`), and the run goes on without it.
@@ -311,13 +334,13 @@ class Transport(Observer):
             peak_memory=max(resident_memory(), self.start_memory),  # (Linux updates its peak lazily: never below)
             start_memory=self.start_memory,
             peak_gpu_memory=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)))
-        wire = self._gather([self.wire_bytes[link] for link in LINKS] + [self.eval_bytes])
-        self.wire_bytes, self.eval_bytes = dict.fromkeys(LINKS, 0), 0
+        wire = self._gather([self.wire_bytes[link] for link in LINKS] + [self.eval_bytes, self.framing_bytes])
+        self.wire_bytes, self.eval_bytes, self.framing_bytes = dict.fromkeys(LINKS, 0), 0, 0
         if self.rank != 0:
             return {}
         parties = {party_name(rank): json.loads(self.store.get(key.format(rank))) for rank in range(self.world_size)}
         busy = {party: measured.pop("busy") for party, measured in parties.items()}
-        return dict(wire_bytes=dict(zip(LINKS, map(int, wire[:-1]))), eval_bytes=int(wire[-1]),
+        return dict(wire_bytes=dict(zip(LINKS, map(int, wire[:-2]))), eval_bytes=int(wire[-2]), framing_bytes=int(wire[-1]),
                     busy_seconds={party: sum(end - start for start, end in spans) for party, spans in busy.items()},
                     overlap_seconds=overlap(list(busy.values())),
                     **{what: {party: measured[what] for party, measured in parties.items()}
@@ -366,11 +389,12 @@ class Transport(Observer):
     def state_dict(self):
         """What a checkpoint keeps of this party's transport: the bytes it sent and its busy time (on the wall
         clock, which outlives the process)."""
-        return dict(wire_bytes=self.wire_bytes, eval_bytes=self.eval_bytes,
+        return dict(wire_bytes=self.wire_bytes, eval_bytes=self.eval_bytes, framing_bytes=self.framing_bytes,
                     busy=[[start + self.epoch, end + self.epoch] for start, end in self.busy])
 
     def load_state_dict(self, state):
         self.wire_bytes, self.eval_bytes = dict(state["wire_bytes"]), state["eval_bytes"]
+        self.framing_bytes = state["framing_bytes"]
         self.busy = [(start - self.epoch, end - self.epoch) for start, end in state["busy"]] + self.busy
 
     # Setup
@@ -410,15 +434,17 @@ class Transport(Observer):
         self.wire.settle()
         self.watchdog.stop()
         self.store.set(f"done/{self.rank}", "1")
-        dist.barrier()
-        dist.destroy_process_group()
+        self.share(self._gather([0.0]) or [0.0])  # every party gets here, and rank 0 (the store's host) leaves last
+        self.wire.settle()
+        self.wire.channel.close()
 
 
 class Watchdog(threading.Thread):
-    """Beats every second in the store and watches the other parties' beats: a party silent for
-    `SILENT_SECONDS` (killed, or its machine gone) or one that noted a failure stops this process with one
-    line naming the party. A party that is alive but stuck is caught by the per-operation timeout. The
-    process that started this one gone (the launcher killed, torchrun's agent lost), it stops too."""
+    """Beats every second in the store (a count that only grows) and watches the other parties' beats: a party
+    silent for `SILENT_SECONDS` (killed, or its machine gone) or one that noted a failure stops this process
+    with one line naming the party. A party that is alive but stuck is caught by the per-operation timeout. The
+    process that started this one gone (the launcher killed, torchrun's agent lost), it stops too. A count that
+    goes back or vanishes is the store tampered with, and so is a value that fails its signature (--key)."""
 
     def __init__(self, store, rank, world_size):
         super().__init__(daemon=True)
@@ -432,24 +458,40 @@ class Watchdog(threading.Thread):
 
     def run(self):
         beats = {rank: (-1, time.monotonic()) for rank in range(self.world_size) if rank != self.rank}
+        beat = 0
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             if os.getppid() != self.parent:
                 stop(self.rank, f"{party_name(self.rank)}: the process that started it is gone")
             try:
-                self.store.add(f"alive/{self.rank}", 1)
+                beat += 1
+                self.store.set(f"alive/{self.rank}", str(beat))
                 if self.store.check(["failed"]):
                     stop(self.rank, self.store.get("failed").decode())
                 for rank, (count, since) in beats.items():
-                    now, latest = time.monotonic(), self.store.add(f"alive/{rank}", 0)
-                    if latest != count:
-                        beats[rank] = (latest, now)
-                    elif now - since > SILENT_SECONDS and not self.store.check([f"done/{rank}"]):
-                        message = f"{party_name(rank)} failed (silent for {SILENT_SECONDS:.0f} s)"
-                        self.store.set("failed", message)
-                        stop(self.rank, message)
+                    self.watch(rank, count, since, beats)
+            except secure.AuthenticationFailed as error:
+                stop(self.rank, str(error))
             except Exception:  # the store is gone: its host, the server, is
                 if not self.stopped.is_set():
                     stop(self.rank, "server failed (its rendezvous store is gone)")
+
+    def watch(self, rank, count, since, beats):
+        key, now = f"alive/{rank}", time.monotonic()
+        if not self.store.check([key]):
+            if count >= 0:
+                raise secure.AuthenticationFailed(f"the rendezvous store was tampered with: {key!r} was deleted")
+            latest = count
+        else:
+            latest = int(self.store.get(key))
+        if latest < count:
+            raise secure.AuthenticationFailed(f"the rendezvous store was tampered with: {key!r} went back")
+        if latest != count:
+            beats[rank] = (latest, now)
+        elif now - since > SILENT_SECONDS and not (self.store.check([f"done/{rank}"])
+                                                   and self.store.get(f"done/{rank}") == b"1"):
+            message = f"{party_name(rank)} failed (silent for {SILENT_SECONDS:.0f} s)"
+            self.store.set("failed", message)
+            stop(self.rank, message)
 
 
 _stopping, _stopper = threading.Lock(), []  # (the thread on its way out)
@@ -469,19 +511,34 @@ def stop(rank, message):
     os._exit(1)
 
 
-def connect(timeout, device):
+def connect(timeout, device, kit=None):
     """Join the run as the party that RANK names (torchrun or `launch` set RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT); rank 0 hosts the rendezvous store, unless torchrun's agent does."""
+    MASTER_PORT); rank 0 hosts the rendezvous store, unless torchrun's agent does. With a `kit`
+    (`secure.load_kit`), the store's values are signed and the messages go sealed on a mesh of the parties'
+    own (secure.py) instead of gloo's."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     store, listener = rendezvous_store(rank, world_size, timeout)
     # torchrun's store outlives a restart: each start of the parties keeps its keys apart ("failed" among them)
     store = dist.PrefixStore(f"start-{restart}/", store)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
-    transport = Transport(rank, world_size, store, timeout, device)
-    transport.restart, transport.listener = restart, listener
-    transport.watchdog = Watchdog(store, rank, world_size)
-    transport.watchdog.start()
+    try:
+        if kit:
+            store = secure.SignedStore(store, kit, secure.session_of(kit, store))
+            store.set(f"alive/{rank}", "0")
+            store.wait([f"alive/{peer}" for peer in range(world_size)])  # every party is here
+        else:
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout))
+        watchdog = Watchdog(store, rank, world_size)
+        watchdog.start()
+        channel = secure.Mesh(secure.mesh(kit, store, os.environ["MASTER_ADDR"], timeout)) if kit else None
+    except Exception as error:  # (the store gone, a peer not joining in time, a message failing authentication)
+        message = str(error) if isinstance(error, secure.AuthenticationFailed) else f"{party_name(rank)}: {one_line(error)}"
+        with contextlib.suppress(Exception):
+            store.set("failed", message)
+        stop(rank, message)
+    transport = Transport(rank, world_size, store, timeout, device, channel)
+    transport.restart, transport.listener, transport.watchdog = restart, listener, watchdog
     # Any exception nothing caught (an out-of-memory, Ctrl-C), here or in another party, stops every party.
     sys.excepthook = lambda kind, error, trace: transport.fail(f"{party_name(rank)}: {one_line(error)}")
     signal.signal(signal.SIGTERM, lambda *_: transport.fail(f"{party_name(rank)} was stopped (SIGTERM)"))

@@ -96,9 +96,10 @@ def costs_table(rows):
     def cells(done):
         first = done[0]
         return ([human(first["bytes"][link], "B") for link in LINKS] + [human(sum(first["bytes"].values()), "B")]
-                + ([human(sum(first["wire_bytes"].values()), "B")] if wire else [])
+                + ([human(sum(first["wire_bytes"].values()), "B"), human(first.get("framing_bytes", 0), "B")]
+                   if wire else [])
                 + [human(first["flops"]["client"]), human(first["flops"]["server"]), human(first["deploy_seconds"])])
-    return _lines(rows, ["scheme"] + [LINK_NAMES[link] for link in LINKS] + ["total"] + ["wire"] * wire
+    return _lines(rows, ["scheme"] + [LINK_NAMES[link] for link in LINKS] + ["total"] + ["wire", "framing"] * wire
                   + ["client FLOP", "server FLOP", "deploy s"], cells)
 
 

@@ -7,10 +7,10 @@ setup(
     version=re.search(r'__version__ = "(.+)"', open("common.py").read()).group(1),
     description="Federated learning, split learning and SplitFed on DenseNet-121 for tuberculosis chest X-rays, "
                 "with every byte and FLOP counted",
-    py_modules=["densenet_split", "data", "common", "checkpoints", "fedlearn", "splitlearn", "splitfed", "distributed", "privacy", "report",
-                "bench"],
+    py_modules=["densenet_split", "data", "common", "checkpoints", "fedlearn", "splitlearn", "splitfed", "distributed",
+                "secure", "privacy", "report", "bench"],
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision>=0.21", "numpy", "pillow"],  # torch 2.6: CVE-2025-32434 fixed
     extras_require={"test": ["pytest", "scikit-learn", "opacus"], "plot": ["matplotlib"],
-                    "dicom": ["pydicom>=3"]},
+                    "dicom": ["pydicom>=3"], "secure": ["cryptography>=42"]},
 )
