@@ -1,11 +1,12 @@
 """Checkpoints: a run that is stopped (Ctrl-C, a kill, a power cut) goes on from its last complete round.
 
-`Checkpoint(path)` is an observer of a `common.Run`: after every round it writes every model copy and optimizer
-the loop registered (`run.rounds(...)`), with the run's own state (`Run.state_dict`: the ledger, the history,
-the training time, split learning's holder), atomically and in the background; a run that starts with a
-checkpoint at `path` loads it and goes on after its last round, to the result an uninterrupted run gives, bit
-for bit on a CPU. Under `--distributed` each party keeps its own (its last two), and the parties agree on the
-last round all of them have (`distributed.Transport.agree`). docs/reproducibility.md says what is exact where.
+`Checkpoint(path)` is a hook of a `common.Run`: after every round it writes every model copy and optimizer the loop
+keeps (`run.rounds(...)`), the run's own state (`RUN_STATE`: the ledger, the history, the training time, split
+learning's holder) and that of the hooks it is given to keep (the transport's, the aggregator's checks'), atomically
+and in the background; a run that starts with a checkpoint at `path` loads it and goes on after its last round, to
+the result an uninterrupted run gives, bit for bit on a CPU. Under `--distributed` each party keeps its own (its last
+two), and the parties agree on the last round all of them have (`distributed.Transport.agree`).
+docs/reproducibility.md says what is exact where. Files are written whole or not at all (`written`).
 """
 import contextlib
 import hashlib
@@ -15,7 +16,33 @@ import threading
 
 import torch
 
-from common import Observer, __version__, leaves, one_line, tree_map
+from common import __version__
+from standins import adam_state
+
+RUN_STATE = ("bytes", "messages", "flops", "seconds", "history", "holder")  # what a checkpoint keeps of a `Run`
+
+
+def tree_map(function, objects):
+    """`objects` (tensors in tuples, lists and dicts, as `run.send` takes them) with every tensor mapped."""
+    if isinstance(objects, torch.Tensor):
+        return function(objects)
+    if isinstance(objects, dict):
+        return {key: tree_map(function, value) for key, value in objects.items()}
+    if isinstance(objects, (list, tuple)):
+        return type(objects)(tree_map(function, value) for value in objects)
+    return objects
+
+
+def leaves(objects):
+    """The tensors of `objects`, in order."""
+    found = []
+    tree_map(found.append, objects)
+    return found
+
+
+def one_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
 
 
 def pack(state):
@@ -191,8 +218,8 @@ def structure_problem(checkpoint):
     tensors = lambda value: isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                              for k, v in value.items())
     numbers = lambda value: isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
-    if not isinstance(checkpoint, dict) or not {"settings", "state", "run", "transport"} <= set(checkpoint):
-        return "settings, state, run and transport expected"
+    if not isinstance(checkpoint, dict) or not {"settings", "state", "run", "hooks"} <= set(checkpoint):
+        return "settings, state, run and hooks expected"
     run = checkpoint["run"]
     if not isinstance(checkpoint["settings"], dict):
         return "settings"
@@ -200,30 +227,28 @@ def structure_problem(checkpoint):
         return "state"
     if (not isinstance(run, dict) or not all(numbers(run.get(ledger)) for ledger in ("bytes", "messages", "flops"))
             or not isinstance(run.get("seconds"), (int, float)) or not isinstance(run.get("history"), list)
-            or not all(isinstance(entry, dict) for entry in run["history"]) or "holder" not in run
-            or not isinstance(run.get("refused"), list)):
+            or not all(isinstance(entry, dict) for entry in run["history"]) or not isinstance(run.get("holder"), int)):
         return "run"
-    transport = checkpoint["transport"]
-    if transport is not None and not (isinstance(transport, dict) and numbers(transport.get("wire_bytes"))
-                                      and isinstance(transport.get("eval_bytes"), (int, float))
-                                      and isinstance(transport.get("framing_bytes"), (int, float))
-                                      and isinstance(transport.get("busy"), list)):
-        return "transport"
+    if not isinstance(checkpoint["hooks"], list) or not all(isinstance(state, dict) for state in checkpoint["hooks"]):
+        return "hooks"
     return None
 
 
-def settings(run):
-    """What a checkpoint records of the run that wrote it, and a run resuming from it must repeat."""
+def settings(run, noted):
+    """What a checkpoint records of the run that wrote it, and a run resuming from it must repeat; `noted`: what else
+    it must repeat (the bench's defense)."""
     return dict(scheme=run.scheme, seed=run.cfg["seed"], bn=run.cfg["bn"], order=run.cfg["order"],
-                batch_size=run.batch_size, lr=run.lr, bf16=run.cfg["bf16"], defense=str(run.cfg["defense"]),
-                num_examples=[len(s) for s in run.train_sets], image_shape=list(run.image_shape))
+                batch_size=run.batch_size, lr=run.lr, bf16=run.cfg["bf16"], num_examples=[len(s) for s in run.train_sets],
+                image_shape=list(run.image_shape), **noted)
 
 
-class Checkpoint(Observer):
-    """Makes a run resumable from `path` (see the module's docstring); `transport`: the run's, under `--distributed`."""
+class Checkpoint:
+    """Makes a run resumable from `path` (see the module's docstring): a hook of the run. `transport`: the run's, under
+    `--distributed`; `keep`: the hooks whose state goes with the run's (`state_dict`, `load_state_dict`); `noted`:
+    settings besides the run's that a run resuming from it must repeat."""
 
-    def __init__(self, path, transport=None):
-        self.path, self.transport, self.state = path, transport, ()
+    def __init__(self, path, transport=None, keep=(), noted=None):
+        self.path, self.transport, self.keep, self.noted, self.state = path, transport, list(keep), noted or {}, ()
         self.error = None  # the first write that failed (a full disk): training goes on, the row reports it
 
     def saved(self):
@@ -238,6 +263,9 @@ class Checkpoint(Observer):
         """Load the newest checkpoint (under a transport: of the last round every party has) into `state`, the
         loop's model copies and optimizers, and into the run."""
         self.state = state
+        for optimizer in state:  # (a fresh optimizer has no state to load into before its first step)
+            if isinstance(optimizer, torch.optim.Optimizer):
+                adam_state(optimizer)
         found = {}  # by the number of rounds done
         for saved in (self.path, previous(self.path)) if self.transport else (self.path,):
             if os.path.exists(saved):
@@ -251,17 +279,19 @@ class Checkpoint(Observer):
         if done == 0:
             return
         path, checkpoint = found[done]
-        expected = settings(run)
+        expected = settings(run, self.noted)
         differs = [key for key in expected if checkpoint["settings"].get(key) != expected[key]]
-        if differs or len(checkpoint["state"]) != len(state):
+        if differs or len(checkpoint["state"]) != len(state) or len(checkpoint["hooks"]) != len(self.keep):
             raise ValueError(f"{path}: a checkpoint of another run ({', '.join(differs) or 'its model copies'} differ)")
         try:
             for holder, saved in zip(state, checkpoint["state"]):
                 if saved is not None:  # None: a copy another process holds (under a transport)
                     holder.load_state_dict(unpack(saved, holder.state_dict()))
-            run.load_state_dict(checkpoint["run"])
-            if self.transport:
-                self.transport.load_state_dict(checkpoint["transport"])
+            for key in RUN_STATE:
+                setattr(run, key, dict(checkpoint["run"][key]) if key in ("bytes", "messages", "flops")
+                        else checkpoint["run"][key])
+            for hook, hook_state in zip(self.keep, checkpoint["hooks"]):
+                hook.load_state_dict(hook_state)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as error:
             raise ValueError(f"{path}: not a checkpoint of this run ({one_line(error)})") from None
 
@@ -270,13 +300,11 @@ class Checkpoint(Observer):
             self.saved()
 
     def round_ended(self, run, entry, deployed):
-        if run.cfg["costs_only"]:
-            return
         weights = lambda holder: holder.param_groups[0]["params"] if hasattr(holder, "param_groups") else list(holder.parameters())
         state = [None if weights(holder)[0].is_meta else pack(holder.state_dict()) for holder in self.state]
         self.saved()
-        writer.write(dict(settings=settings(run), state=state, run=run.state_dict(),
-                          transport=self.transport.state_dict() if self.transport else None),
+        writer.write(dict(settings=settings(run, self.noted), state=state,
+                          run={key: getattr(run, key) for key in RUN_STATE}, hooks=[hook.state_dict() for hook in self.keep]),
                      self.path, keep_previous=self.transport is not None)
 
     def finished(self, run, result):

@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 CLASS_NAMES = {"0": 0, "normal": 0, "negative": 0, "neg": 0, "healthy": 0,
                "1": 1, "tb": 1, "positive": 1, "pos": 1, "tuberculosis": 1, "abnormal": 1}
 LESION_STRENGTH = (0.15, 0.5)  # opacity over the lung field: low end hard to see, high end obvious
+NUM_SITES = 3  # the synthetic federation's sites, and a pooled folder's, unless told
 SITE_SIZES = (340, 214, 128)  # train + test; 256, 160, 96 for training: whole batches of 32. Then 96 each.
 SHARED_SCANNER = dict(contrast=0.8, gamma=1.0, noise=0.045, blur=0.6)  # the middle of every site's range
 MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
@@ -128,7 +129,12 @@ def _acquire(images, rng, contrast, gamma, noise, blur):
     return images.clamp(0, 1)
 
 
-def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25,
+def default_site_sizes(num_sites=NUM_SITES):
+    """The synthetic sites' numbers of images (train + test): `SITE_SIZES`, then 96 each."""
+    return [SITE_SIZES[k] if k < len(SITE_SIZES) else 96 for k in range(num_sites)]
+
+
+def synthetic_sites(num_sites=NUM_SITES, image_size=48, seed=0, site_sizes=None, prevalences=None, test_fraction=0.25,
                     shapes_only=False, only_site=None, same_scanner=False):
     """The default federation: synthetic chest X-rays, non-IID across sites, generated from `seed`.
 
@@ -142,7 +148,7 @@ def synthetic_sites(num_sites=3, image_size=48, seed=0, site_sizes=None, prevale
     _check_image_size(image_size)
     if num_sites < 1:
         raise ValueError(f"number of sites must be at least 1, not {num_sites}")
-    site_sizes = site_sizes or [SITE_SIZES[k] if k < len(SITE_SIZES) else 96 for k in range(num_sites)]
+    site_sizes = site_sizes or default_site_sizes(num_sites)
     prevalences = prevalences or [(0.5, 0.3, 0.4, 0.25)[k % 4] for k in range(num_sites)]
     if len(site_sizes) != num_sites or len(prevalences) != num_sites:
         raise ValueError(f"site_sizes and prevalences need one value for each of the {num_sites} sites")
@@ -418,7 +424,7 @@ def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0,
     else:
         pool = [item for items in found.values() for item in items]
         labels = np.array([label for _, label in pool])
-        parts = _partition(labels, num_sites or 3, partition, alpha, np.random.default_rng(seed))
+        parts = _partition(labels, num_sites or NUM_SITES, partition, alpha, np.random.default_rng(seed))
         groups = {f"{partition}-{k}": [pool[i] for i in part] for k, part in enumerate(parts)}
     train_sets, test_sets = [], []
     for site, (name, items) in enumerate(groups.items()):

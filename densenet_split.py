@@ -2,23 +2,18 @@
 
 `split_model(model, cut)` cuts a torchvision DenseNet after a named child of `model.features`; the two
 parts share the model's layers, and `server_model(client_model(x))` is `model(x)` bit for bit.
-`split_densenet121` builds the model (grayscale, one logit, local weights) and splits it; `label_private`
-moves the classifier head to the client; `merge` joins two trained parts again to cut them elsewhere;
-`load_site_model` loads a deployed model that `bench.py --save` wrote. What a part costs (bytes, FLOPs,
-shapes) is counted in `common.py`, which knows nothing of DenseNet.
+`split_densenet121` builds the model (grayscale, one logit, local weights) and splits it; `merge` joins two
+trained parts again to cut them elsewhere. It imports no other module of the package: what a part costs is
+counted in `common.py`, which knows nothing of DenseNet.
 """
-import json
 import os
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-
-from common import LabelPrivateClient, is_label_private, joined
 
 CUTS = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2",
         "denseblock3", "transition3", "denseblock4", "norm5")
@@ -60,19 +55,9 @@ def split_model(model, cut):
     return client_model, server_model
 
 
-def label_private(client_model, server_model):
-    """(client, server) parts of a label-private (U-shaped) split, sharing the given parts' layers: the
-    classifier head moves to the client, so the server's part ends with the pooled features and the labels
-    and the loss never leave the client."""
-    client = LabelPrivateClient(OrderedDict([*client_model.named_children(), ("head", server_model.classifier)]))
-    return client, ServerModel(server_model.features, nn.Identity())
-
-
 def merge(client_model, server_model):
     """The whole DenseNet again, sharing the two parts' layers: `split_model(merge(client, server), cut)`
     cuts a trained model anywhere else."""
-    if is_label_private(client_model):
-        client_model, server_model = client_model.body, ServerModel(server_model.features, client_model.head)
     with torch.device("meta"):
         model = torchvision.models.densenet121(num_classes=1)
     model.features = nn.Sequential(OrderedDict([*client_model.named_children(), *server_model.features.named_children()]))
@@ -129,24 +114,6 @@ def split_densenet121(cut="transition1", num_classes=1, in_channels=1, weights=N
     if weights is not None:
         _fit_state_dict(_load_weights(weights), model, weights)
     return split_model(model, cut)
-
-
-def load_site_model(path):
-    """A site's deployed model saved by `bench.py --save` (site-K.pt, with model.json beside it), ready to
-    score: an eval-mode module from images (N x C x size x size, values in [0, 1]) to logits, with the
-    saved settings as `model.info` (cut, image_size, bn, scheme, ...)."""
-    path = Path(path)
-    info = json.loads((path.parent / "model.json").read_text())
-    client_model, server_model = split_densenet121(info["cut"], num_classes=info["num_classes"],
-                                                   in_channels=info["in_channels"])
-    if info.get("label_private"):
-        client_model, server_model = label_private(client_model, server_model)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    client_model.load_state_dict(saved["client"])
-    server_model.load_state_dict(saved["server"])
-    model = joined(client_model, server_model).eval()
-    model.info = info
-    return model
 
 
 def activation_shape(cut, image_size, in_channels=1):

@@ -1,68 +1,58 @@
 """Every scheme as real processes on torch.distributed: one process per party, the tensors on the wire.
 
-    python bench.py --distributed                   # every party on this machine, over loopback
+    python bench.py --distributed                   # every party on this machine, over loopback (launch.py)
     torchrun --nnodes 4 --node-rank R --nproc-per-node 1 --master-addr SERVER --master-port 29500 \\
         bench.py --distributed --data /my/site      # one party per machine (docs/distributed.md)
 
 Rank 0 is the server and the aggregator (one process, two parties: no link runs between them) and hosts the
-rendezvous store; rank k + 1 is client site k. Every process runs the same scheme loop, from the unchanged
-scheme files, over the same deterministic schedule, with a `Transport` among its run's observers: at each
-`run.send(source, destination, ...)` the source's process sends what the ledger counts and the
-destination's receives it, so sends and receives pair up by construction. The model parts and copies a
-process does not hold (`Run.copies`), and the images of other sites, are meta-device stand-ins
-(`common.StandIn`): the loop passes over them at no cost, and each process computes only its own
-party's work, so clients that the schedule does not make wait for each other work at once. Each party
-measures its busy time (its training time not spent waiting for a peer) and its peak memory.
+rendezvous store; rank k + 1 is client site k. Every process runs the same scheme loop, from the unchanged scheme
+files, over the same deterministic schedule, with a `Transport` first among its run's hooks: at each
+`run.send(source, destination, ...)` the source's process sends what the ledger counts and the destination's
+receives it (`wire.Wire`), so sends and receives pair up by construction. The model parts and copies a process does
+not hold, and the images of other sites, are meta-device stand-ins (`standins.StandIn`): the loop passes over them at
+no cost, and each process computes only its own party's work, so clients that the schedule does not make wait for
+each other work at once. Each party measures its busy time (its training time not spent waiting for a peer) and its
+peak memory.
 
-On the wire (gloo, point-to-point, no pickle): per transfer a length, a header (per tensor: dtype, shape,
-strides, offset) and one payload of the tensors' bytes in their own memory order, so the receiver rebuilds
-them bit for bit, channels-last included. The payload bytes are the ledger's bytes (`wire_bytes`).
-
-Evaluation (each round) is measurement, not part of the schemes' costs, and goes apart (`eval_bytes`): the
-run deploys and scores in one place (`Run.deploy`, `Run.end_round`), sending what crosses between the two
-sides of each deployed model as evaluation traffic: each client runs the client side of its deployed model
-on its images and the server the server side (for FedAvg the client holds all of it and sends its scores;
-for centralized training the server does, and the client sends its images); the BatchNorm statistics pass
-of bn="local" goes the same way over the training images; the loss of each round is summed at rank 0 and
-sent back (`Transport.summed`), so that all processes stop together on a NaN. A party that dies or hangs stops every process within a minute with one line naming it.
+Evaluation (each round) is measurement, not part of the schemes' costs, and goes apart (`eval_bytes`): the run
+deploys and scores in one place (`common.Run.deploy_and_score`), sending what crosses between the two sides of each
+deployed model as evaluation traffic: each client runs the client side of its deployed model on its images and the
+server the server side (for FedAvg the client holds all of it and sends its scores; for centralized training the
+server does, and the client sends its images); the BatchNorm statistics pass of bn="local" goes the same way over
+the training images; the loss of each round is summed at rank 0 and sent back (`Transport.summed`), so that all
+processes stop together on a NaN. A party that dies or hangs stops every process within a minute with one line
+naming it.
 
 With --save DIR each party writes its own checkpoint after every round (`checkpoints.Checkpoint`); started again (by
-torchrun --max-restarts, or `launch`'s own restarts, both counted in TORCHELASTIC_RESTART_COUNT), the parties
-agree on the last round all of them have one of (`Transport.agree`) and go on from it.
+torchrun --max-restarts, or launch.py's own restarts, both counted in TORCHELASTIC_RESTART_COUNT), the parties agree
+on the last round all of them have one of (`Transport.agree`) and go on from it.
 """
 import contextlib
 import copy
 import ipaddress
 import json
 import os
-import resource
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import data
 import secure
-from checkpoints import writer
-from common import LINKS, Observer, StandIn, leaves, not_finite, one_line, training_flops, tree_map, unwrap, whole
-from densenet_split import split_densenet121
+from checkpoints import leaves, one_line, tree_map, writer
+from common import LINKS, whole
+from estimates import schedule_timeout
+from profiler import resident_memory, restart_peak_memory
 from secure import party_name
+from standins import StandIn, adam_state, meta_copy, unwrap
+from wire import Wire, placeholder
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
-          torch.bool)
 HEARTBEAT_SECONDS, SILENT_SECONDS = 1.0, 20.0  # a party silent this long is taken for dead
-
-
-class PartyFailed(Exception):
-    """Another party died, hung or broke the protocol; the message names it."""
 
 
 def rank_of(party):
@@ -74,168 +64,10 @@ def placement(scheme):
     return {"central": "server", "fedavg": "client"}.get(scheme, "split")
 
 
-def placeholder(tensor):
-    """A tensor's shape and dtype on the meta device: what a process that does not hold it carries on with."""
-    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
-
-
-def memory_order(tensor):
-    """The tensor's elements in the order they lie in memory (no copy for a dense tensor), and its strides."""
-    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
-    permuted = tensor.permute(order)
-    if not permuted.is_contiguous():  # not dense (a strided view): send it as a standard contiguous tensor
-        tensor = tensor.contiguous()
-        return tensor.reshape(-1), tensor.stride()
-    return permuted.reshape(-1), tensor.stride()
-
-
-class Gloo:
-    """The wire's messages as gloo's point-to-point sends: neither authenticated nor encrypted (`secure.Mesh`
-    is, with the same calls)."""
-
-    def isend(self, tensor, peer):
-        return dist.isend(tensor, peer)
-
-    def recv(self, buffer, peer, timeout):
-        dist.irecv(buffer, peer).wait(timeout)
-        return buffer
-
-    def overhead(self, size):
-        return 0
-
-    def close(self):
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-class Wire:
-    """Point-to-point messages between this process and its peers (no pickle): per transfer a length, a header
-    (per tensor: dtype, shape, strides, offset) and one payload of the tensors' bytes in their own memory
-    order, so that the receiver rebuilds them bit for bit; over gloo, or sealed on a mesh of the parties' own
-    (`secure.Mesh`, with --key). It notes how long this process waits for a peer."""
-
-    def __init__(self, rank, store, timeout, device, channel=None):
-        self.rank, self.store, self.timeout, self.device = rank, store, timeout, device
-        self.channel = channel or Gloo()
-        self.waits = []  # (start, end) on the monotonic clock: waiting for a peer
-        self.in_flight = []  # sends not yet complete: (peer, messages, their works)
-
-    def fail(self, peer, error):
-        """Name the party that failed first (another process may have noted it in the store) and stop. A
-        message that failed authentication names no party: anyone on the network may have sent it."""
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        message = reason if isinstance(error, secure.AuthenticationFailed) else f"{party_name(peer)} failed ({reason})"
-        with contextlib.suppress(Exception):
-            if self.store.check(["failed"]):
-                message = self.store.get("failed").decode()
-            else:
-                self.store.set("failed", message)
-        raise PartyFailed(message)
-
-    def send(self, peer, tensors):
-        """Send `tensors` to `peer` without waiting for them to arrive; returns the payload's bytes and the
-        framing's: the length and the header, and with --key a tag per MiB of each message (`secure.overhead`)."""
-        flats = [memory_order(t.detach()) for t in tensors]
-        by_size = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())  # aligned offsets
-        offsets, offset = [0] * len(tensors), 0
-        for i in by_size:
-            offsets[i] = offset
-            offset += tensors[i].numel() * tensors[i].element_size()
-        header = [len(tensors)]
-        for t, (_, stride), start in zip(tensors, flats, offsets):
-            header += [DTYPES.index(t.dtype), t.dim(), *t.shape, *stride, start]
-        payload = torch.cat([torch.empty(0, dtype=torch.uint8)] + [flats[i][0].cpu().view(torch.uint8) for i in by_size])
-        messages = [message for message in (torch.tensor([len(header)]), torch.tensor(header), payload) if len(message)]
-        try:
-            self.in_flight.append((peer, messages, [self.channel.isend(message, peer) for message in messages]))
-        except Exception as error:
-            self.fail(peer, error)
-        self.settle(wait=False)
-        return len(payload), 8 + 8 * len(header) + sum(self.channel.overhead(m.numel() * m.element_size()) for m in messages)
-
-    def settle(self, wait=True):
-        """Complete this process's sends in flight (wait=True), or let go of those already done. A party does
-        not wait for what it sends to arrive, only for what it receives: a server streams one client's
-        gradients while it serves the next, each on its own line. Every round's sends settle before the
-        round's clock stops (`Transport.round_ending`)."""
-        started, unsettled = time.perf_counter(), []
-        for peer, messages, works in self.in_flight:
-            try:
-                if wait:
-                    for work in works:
-                        work.wait(timedelta(seconds=self.timeout))
-                elif not all(work.is_completed() for work in works):
-                    unsettled.append((peer, messages, works))
-            except Exception as error:
-                self.fail(peer, error)
-        self.in_flight = unsettled
-        if wait:
-            self.waits.append((started, time.perf_counter()))
-
-    def _recv(self, buffer, peer):
-        started = time.perf_counter()
-        self.channel.recv(buffer, peer, timedelta(seconds=self.timeout))
-        self.waits.append((started, time.perf_counter()))
-        return buffer
-
-    def receive(self, peer, given, finite_on=None):
-        """Receive tensors shaped like `given`: into them where they are real, into new ones where not. Nothing
-        the peer declares is believed: the header's length, each tensor's dtype and shape, its strides and its
-        place in the payload are compared with what the schedule expects (`given`) before the payload is
-        allocated; a header that differs stops the run naming the sender. `finite_on`: the link whose values
-        must be finite, checked in the payload before they go anywhere (no GPU sync); None: not checked."""
-        expected = 1 + sum(3 + 2 * target.dim() for target in given)
-        try:
-            length = int(self._recv(torch.empty(1, dtype=torch.int64), peer))
-            if length != expected:
-                raise PartyFailed(f"protocol error: {party_name(peer)} sent a header of {length} numbers, "
-                                  f"{party_name(self.rank)} expected {expected}")
-            header = self._recv(torch.empty(expected, dtype=torch.int64), peer).tolist()
-            if header[0] != len(given):
-                raise PartyFailed(f"protocol error: {party_name(peer)} sent {header[0]} tensors, "
-                                  f"{party_name(self.rank)} expected {len(given)}")
-            entries, at = [], 1
-            total = sum(target.numel() * target.element_size() for target in given)
-            for target in given:
-                index, ndim = header[at], header[at + 1]
-                dtype = DTYPES[index] if 0 <= index < len(DTYPES) else None
-                shape, stride = header[at + 2:at + 2 + ndim], header[at + 2 + ndim:at + 2 + 2 * ndim]
-                start = header[at + 2 + 2 * ndim]
-                if dtype != target.dtype or ndim != target.dim() or tuple(shape) != tuple(target.shape):
-                    raise PartyFailed(f"protocol error: {party_name(peer)} sent {dtype or 'an unknown dtype'} "
-                                      f"{tuple(shape)} where {party_name(self.rank)} expected {target.dtype} "
-                                      f"{tuple(target.shape)}")
-                size = target.numel() * target.element_size()
-                reach = sum((n - 1) * step for n, step in zip(shape, stride)) + 1 if target.numel() else 0
-                if (min(stride, default=0) < 0 or start < 0 or start % target.element_size() or start + size > total
-                        or reach > target.numel()):
-                    raise PartyFailed(f"protocol error: {party_name(peer)} sent a tensor that does not fit its "
-                                      f"place in the message (strides {stride}, offset {start})")
-                entries.append((stride, start))
-                at += 3 + 2 * ndim
-            payload = self._recv(torch.empty(total, dtype=torch.uint8), peer) if total else torch.empty(0, dtype=torch.uint8)
-        except PartyFailed:
-            raise
-        except Exception as error:
-            self.fail(peer, error)
-        arrived = [payload[start:start + target.numel() * target.element_size()].view(target.dtype)
-                   .as_strided(target.shape, stride) for target, (stride, start) in zip(given, entries)]
-        if finite_on and not_finite(arrived):
-            self.fail(peer, f"sent values that are not finite on {finite_on}, refused by {party_name(self.rank)}")
-        received = []
-        for target, tensor in zip(given, arrived):
-            if target.is_meta:
-                received.append(tensor.to(self.device, non_blocking=True))
-            else:
-                with torch.no_grad():
-                    target.copy_(tensor)
-                received.append(target)
-        return received
-
-
-class Transport(Observer):
-    """Makes a run's sends real between the parties of a distributed run, one process each (`Wire`), and sums
-    what every process counted; the schedule is the scheme loop's, the same in every process."""
+class Transport:
+    """Makes a run's sends real between the parties of a distributed run, one process each (`Wire`), and sums what
+    every process counted; the schedule is the scheme loop's, the same in every process. A hook of the run: first
+    among them, so that the others see what arrived (`sent`)."""
 
     def __init__(self, rank, world_size, store, timeout, device, channel=None):
         self.rank, self.world_size, self.store = rank, world_size, store
@@ -252,17 +84,22 @@ class Transport(Observer):
     def begin(self, scheme):
         """A scheme starts: note it, and start measuring this party's busy time and peak memory afresh."""
         self.scheme, self.wire.waits, self.busy = scheme, [], []
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as file:
-            file.write("5")  # Linux: the peak resident memory starts again from what is resident now
+        restart_peak_memory()
         self.start_memory = resident_memory("VmRSS")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    # The run's observer
+    # The run's hooks
 
-    def holds(self, party):
-        """Whether this process is `party` (rank 0 is the server and the aggregator)."""
-        return rank_of(party) == self.rank
+    def stand_in(self, party, model):
+        """A copy of `model` whose weights are on the meta device where this process is not `party` (rank 0 is the
+        server and the aggregator); None where it is, for a real copy."""
+        return meta_copy(model) if rank_of(party) != self.rank else None
+
+    def started(self, run, state):
+        for optimizer in state:  # the state split learning hands on exists in every process from the start
+            if isinstance(optimizer, torch.optim.Optimizer):
+                adam_state(optimizer)
 
     def sent(self, run, source, destination, link, objects):
         return self.transfer(source, destination, link, objects)
@@ -569,17 +406,6 @@ def is_loopback(host):
         return False
 
 
-def schedule_timeout(cut, train_sets, test_sets):
-    """The longest a party may wait for another, generously: one round of every party's work (training,
-    and for bn="local" the statistics pass and scoring: about 1.5 times the training FLOPs) at 5 GFLOP/s,
-    plus a minute."""
-    with torch.device("meta"):
-        model = nn.Sequential(*split_densenet121(cut))
-    per_image = training_flops(model, tuple(train_sets[0].images.shape[1:]))
-    images = sum(len(s) for s in train_sets) + sum(len(s) for s in test_sets)
-    return 60 + 1.5 * per_image * images / 5e9
-
-
 def overlap(intervals):
     """How long at least two parties were busy at once (a client computing while the server serves another,
     say); `intervals`: per party, its (start, end) busy intervals, disjoint."""
@@ -592,93 +418,32 @@ def overlap(intervals):
     return total
 
 
-def resident_memory(field="VmHWM"):
-    """This process's resident memory in bytes: its peak since `Transport.begin` ("VmHWM"), or now ("VmRSS").
-    Linux; elsewhere the peak since the process started."""
+
+
+def join(args, refuse, load_own_site):
+    """This process as the party its environment names (RANK, under torchrun or launch.py), with the flags' settings:
+    (its transport, connected; (train_sets, test_sets) as it holds them: its own site real, `load_own_site(site)`
+    making or reading it, the others' shapes). A setting that cannot work: `refuse` one line."""
+    master = os.environ.get("MASTER_ADDR", "")
+    if not (args.key or args.insecure) and not is_loopback(master):
+        refuse(f"--distributed: MASTER_ADDR {master} is not a loopback address: --key (the kits of --provision) "
+               f"authenticates and encrypts the parties' traffic (docs/distributed.md); --insecure runs it "
+               f"unprotected, inside a network you trust (a VPN)")
+    kit = None
+    if args.key:
+        try:
+            kit = secure.load_kit(args.key, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        except ValueError as error:
+            refuse(str(error))
+    transport = connect(args.timeout or 1800, args.device, kit)
     try:
-        with open("/proc/self/status") as file:
-            return next(int(line.split()[1]) * 1024 for line in file if line.startswith(f"{field}:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch(argv, num_parties, threads, rows_path, max_restarts=0):
-    """Run `bench.py argv` as `num_parties` processes on this machine over loopback, `threads` threads each.
-    Rank 0 prints the table and writes the rows to `rows_path`. When a party fails, the others are ended and,
-    up to `max_restarts` times, all of them start again (as torchrun --max-restarts does: they resume from
-    their checkpoints). Returns the exit status: 0, or 1 after one line naming the party that failed."""
-    for restart in range(max_restarts + 1):
-        failure = start_parties(argv, num_parties, threads, rows_path, restart)
-        if failure is None:
-            return 0
-        if restart < max_restarts:
-            print(f"bench.py: {failure}; starting every party again ({restart + 1} of {max_restarts} restarts)",
-                  file=sys.stderr, flush=True)
-    print(f"bench.py: error: {failure}", file=sys.stderr, flush=True)
-    return 1
-
-
-def start_parties(argv, num_parties, threads, rows_path, restart):
-    """One start of the parties (`launch`): None once all of them exit cleanly; else, with every party ended,
-    what failed, in words: the first party to fail, in its own words or as its process ended."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        parties, failed = [], []
-        stopped = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-        try:
-            for rank in range(num_parties):
-                env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_parties),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
-                           TORCHELASTIC_RESTART_COUNT=str(restart))
-                env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also in a network namespace of its own
-                errors = open(os.path.join(folder, f"{rank}.err"), "w+")
-                process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "bench.py"),
-                                            *argv, "--json", rows_path], env=env, stderr=errors,
-                                           stdout=None if rank == 0 else subprocess.DEVNULL)
-                parties.append((process, errors))
-            print("parties: " + ", ".join(f"{party_name(rank)} pid {process.pid}"
-                                          for rank, (process, _) in enumerate(parties)), flush=True)
-            while not failed and any(process.poll() is None for process, _ in parties):
-                failed = [rank for rank, (process, _) in enumerate(parties) if process.poll()]
-                time.sleep(0.2)
-            failed = failed or [rank for rank, (process, _) in enumerate(parties) if process.returncode]
-        finally:  # a party failed (the others cannot go on), Ctrl-C, SIGTERM or any error here: all are ended
-            signal.signal(signal.SIGTERM, stopped)
-            end_all([process for process, _ in parties])
-        if not failed:
-            return None
-        # A party killed by a signal had no last words; one that raised names the cause (its own, or one
-        # another party noted first).
-        first = min(failed, key=lambda rank: (parties[rank][0].returncode > 0, rank))
-        parties[first][1].seek(0)
-        said = [line.strip().removeprefix("bench.py: error: ") for line in parties[first][1]
-                if line.startswith("bench.py: error:")]
-        return said[0] if said else ended(first, parties[first][0])
-
-
-def end_all(processes, grace_seconds=10):
-    """End `processes` as torchrun ends its workers: SIGTERM (a party stops once the checkpoint it is writing
-    is whole, `stop`), and SIGKILL for any still running after `grace_seconds` (one blocked in a transfer)."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + grace_seconds
-    for process in processes:
-        try:
-            process.wait(timeout=max(deadline - time.monotonic(), 0))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def ended(rank, process):
-    """How a party's process ended, in words: "client 1 (pid 4242) was killed by SIGKILL"."""
-    status = process.returncode
-    how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
-    return f"{party_name(rank)} (pid {process.pid}) {how}"
+        sites = transport.sites(lambda: load_own_site(transport.rank - 1))
+    except (ValueError, OSError) as error:
+        stop(transport.rank, f"{party_name(transport.rank)}: {error}")
+    transport.wire.timeout = args.timeout or schedule_timeout(args.cut, *sites)
+    if transport.restart:  # started again (torchrun --max-restarts, or launch.py's): each party from its checkpoints
+        args.resume = args.save
+        if transport.rank == 0:
+            print(f"restart {transport.restart}: " + (f"every party goes on from its checkpoints in {args.save}"
+                                                      if args.save else "no --save DIR, so every scheme starts again"))
+    return transport, sites

@@ -1,15 +1,17 @@
-"""What a run shows: the comparison table, the privacy tables, the pictures, and the files (JSON, CSV, the
-saved models). `bench.py` runs the experiment and calls these; nothing here trains or measures."""
+"""What a run shows: the comparison table, the privacy tables, the pictures, and the files (JSON, CSV, the saved
+models, which `load_site_model` loads). `bench.py` runs the experiment and calls these; nothing here trains."""
 import csv
 import json
 import os
 import statistics
+from pathlib import Path
 
 import torch
 
-import privacy
 from checkpoints import save_into, written
-from common import LINKS, PARTIES
+from common import LINKS, PARTIES, whole
+from densenet_split import split_densenet121
+from labelprivate import label_private
 
 LINK_NAMES = {"client->server": "c->s", "server->client": "s->c", "client->client": "c->c",
               "client->aggregator": "c->agg", "aggregator->client": "agg->c"}
@@ -64,6 +66,31 @@ def _lines(rows, header, cells):
         done = [row for row in runs if not row.get("error")]
         lines.append([scheme] + cells(done) if done else [scheme, "failed: " + runs[0]["error"]])
     return align(lines)
+
+
+def print_tables(rows, args, distributed):
+    """The results, the costs, and what the server can learn (with --attack, --label-private, --tradeoff);
+    `distributed`: real processes ran (the costs then show what went on the wire)."""
+    if not args.costs_only:
+        print(f"\nAUROC: pooled over every site's test images, each site scored by the model it deploys (BatchNorm "
+              f"statistics: {args.bn});\n[95% CI]: stratified bootstrap, 2000 resamples. wall s: training time.")
+        print(results_table(rows))
+    print("\nbytes per link (c: clients, s: server, agg: aggregator), FLOPs per party, deploy s: the estimated time "
+          "on a real\nnetwork (--bandwidth, --latency, --client-tflops, --server-tflops)"
+          + ("; wire: payload bytes the processes sent (evaluation apart); framing: what those messages took beyond "
+             "their payloads (lengths, headers, and with --key a 16-byte tag per MiB)" if distributed else "") + ".")
+    print(costs_table(rows))
+    if args.tradeoff:
+        print("\nwhat each defense buys (each measure in the round it was worst: dCor², attack, label leak; "
+              "the attack: site 0's images, the attacker knowing site 1's):")
+        print(tradeoff_table(rows))
+    elif args.attack or args.label_private:
+        print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
+              "the attacker site 1):")
+        print(privacy_table(rows))
+        print("\nwho could learn what (each attacker in the round it learnt most; SSIM of its reconstructions of the "
+              "victim's\nimages and, in brackets, of its prior alone; gain: (SSIM - floor) / (1 - floor)):")
+        print(leak_table(rows))
 
 
 def results_table(rows):
@@ -228,10 +255,7 @@ def plot_tradeoff(rows, path):
     over seeds with bars of one standard deviation each way, each curve from the undefended run up its ladder of
     strengths in order, each strength's label placed where it overlaps no other. Panels: the worst leak's gain
     over its prior (every scheme, with --attack) and dCor² at the cut (the split schemes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plotting()
     done = [row for row in rows if not row.get("error")]
     measures = [(label, measure) for label, measure in
                 (("worst leak: gain of the best attacker over its prior", worst_gain),
@@ -261,10 +285,7 @@ def plot_tradeoff(rows, path):
         panel.set(xlabel=label + " (less is more private)", ylabel="pooled AUROC (mean ± sd over seeds)")
         panel.legend(fontsize=7)
         place_labels(panel, labels, figure)
-    figure.tight_layout()
-    with written(path, "wb") as file:
-        figure.savefig(file, dpi=80, format="png")
-    pyplot.close(figure)
+    save_figure(pyplot, figure, path)
 
 
 def place_labels(panel, labels, figure, size=7):
@@ -312,10 +333,7 @@ def cuts_table(cuts):
 
 def plot(rows, path):
     """Two panels: pooled AUROC per round for every scheme; final AUROC (with its interval) against total bytes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plotting()
     done = [row for row in rows if not row.get("error") and row.get("auroc") is not None]
     figure, (curves, tradeoff) = pyplot.subplots(1, 2, figsize=(11, 4.2))
     for index, scheme in enumerate(dict.fromkeys(row["scheme"] for row in done)):
@@ -335,18 +353,12 @@ def plot(rows, path):
     curves.legend()
     tradeoff.set(xscale="log", xlabel="total bytes on all links", ylabel="final pooled AUROC (95% CI)",
                  title="AUROC against communication")
-    figure.tight_layout()
-    with written(path, "wb") as file:
-        figure.savefig(file, dpi=80, format="png")
-    pyplot.close(figure)
+    save_figure(pyplot, figure, path)
 
 
 def plot_cuts(cuts, path):
     """dCor² (and reconstruction SSIM over its floor) at every cut."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = plotting()
     figure, axes = pyplot.subplots(figsize=(8, 3.6))
     names = [row["cut"] for row in cuts]
     axes.plot(names, [row["dcor"] for row in cuts], marker="o", label="dCor² (images, activations)")
@@ -356,26 +368,58 @@ def plot_cuts(cuts, path):
     axes.set(xlabel="cut", ylabel="value", title="what the activations at each cut carry")
     axes.tick_params(axis="x", rotation=45)
     axes.legend()
+    save_figure(pyplot, figure, path)
+
+
+def plotting():
+    """matplotlib's pyplot, drawing into files only (no screen): the [plot] extra."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    return pyplot
+
+
+def save_figure(pyplot, figure, path):
+    """`figure` laid out and written whole to `path` as a PNG, then closed."""
     figure.tight_layout()
     with written(path, "wb") as file:
         figure.savefig(file, dpi=80, format="png")
     pyplot.close(figure)
 
 
-def save_models(models, row, train_sets, args, label_private):
+def save_models(models, row, train_sets, args, is_label_private):
     """Each site's deployed model as {"client": state dict, "server": state dict} of CPU tensors (the parts of
     `split_densenet121(cut)`, loadable on a machine without a GPU), and beside them model.json: what it takes
-    to load and use them."""
+    to load and use them (`load_site_model`)."""
     folder = save_folder(row, args)
-    for site, (client_model, server_model) in enumerate(models):
+    for site, model in enumerate(models):
         with written(os.path.join(folder, f"site-{site}.pt"), "wb") as file:
-            save_into({part: {key: value.cpu() for key, value in model.state_dict().items()}
-                       for part, model in (("client", client_model), ("server", server_model))}, file)
-    info = dict(scheme=row["scheme"], defense=row.get("defense", "none"), seed=row["seed"], cut=args.cut, bn=args.bn, image_size=args.image_size,
-                in_channels=int(train_sets[0].images.shape[1]), num_classes=1, label_private=label_private,
+            save_into({part: {key: value.cpu() for key, value in side.state_dict().items()}
+                       for part, side in (("client", model[0]), ("server", model[1]))}, file)
+    info = dict(scheme=row["scheme"], defense=row.get("defense", "none"), seed=row["seed"], cut=args.cut, bn=args.bn,
+                image_size=args.image_size, in_channels=int(train_sets[0].images.shape[1]), num_classes=1,
+                label_private=is_label_private,
                 sites=[train_set.name for train_set in train_sets], files=[f"site-{site}.pt" for site in range(len(models))],
                 auroc=row["auroc"], site_auroc=row["site_auroc"])
     write_json(info, os.path.join(folder, "model.json"))
+
+
+def load_site_model(path):
+    """A site's deployed model saved by `bench.py --save` (site-K.pt, with model.json beside it), ready to score: an
+    eval-mode module from images (N x C x size x size, values in [0, 1]) to logits, with the saved settings as
+    `model.info` (cut, image_size, bn, scheme, ...)."""
+    path = Path(path)
+    info = json.loads((path.parent / "model.json").read_text())
+    client_model, server_model = split_densenet121(info["cut"], num_classes=info["num_classes"],
+                                                   in_channels=info["in_channels"])
+    if info.get("label_private"):
+        client_model, server_model = label_private(client_model, server_model)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    client_model.load_state_dict(saved["client"])
+    server_model.load_state_dict(saved["server"])
+    model = whole(client_model, server_model).eval()
+    model.info = info
+    return model
 
 
 def failures(rows):

@@ -15,16 +15,21 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import attacks
 import bench
 import common
 import data
+import defenses
 import densenet_split as ds
 import fedlearn
-import privacy
+import labelprivate
 import report
+import robust
 import splitfed
 import splitlearn
-from common import Run, auroc, auroc_interval, recompute_batchnorm
+from common import Run, auroc, auroc_interval, batchnorm_statistics
+from robust import Screen
+from standins import CostsOnly, cost_only
 
 torch.set_num_threads(2)
 
@@ -262,14 +267,14 @@ def test_local_batchnorm_statistics_are_exact_at_every_site(three_sites, three_s
             assert torch.allclose(client_part.norm0.running_var.double(),
                                   conv0_output.transpose(0, 1).flatten(1).var(1), rtol=1e-5)
             # A deeper layer, on the server side of the cut: what it sees in a train-mode pass over the site's
-            # training images in the statistics pass's batches (`common.evaluation_batch`: train mode normalises
+            # training images in the statistics pass's batches (at least 128 images: train mode normalises
             # with each batch's own statistics, so the deployed weights alone decide it), collected by a hook.
             seen = []
             model = copy.deepcopy(deployed).train()
             deep = dict(model.named_modules())["1.features.denseblock3.denselayer5.norm1"]
             deep.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].double()))
             with torch.no_grad():
-                size = common.evaluation_batch(FAST["batch_size"])
+                size = max(FAST["batch_size"], 128)
                 for start in range(0, len(train_set), size):
                     model(train_set.images[start:start + size])
             seen = torch.cat(seen).transpose(0, 1).flatten(1)
@@ -288,7 +293,8 @@ def test_recompute_batchnorm_equals_one_pass_with_momentum_none_on_one_batch():
             layer.momentum = None
     with torch.no_grad():
         reference.train()(images)
-    recompute_batchnorm(model, [(images, None)])
+    with batchnorm_statistics(model), torch.no_grad():
+        model(images)
     for (key, got), expected in zip(model.state_dict().items(), reference.state_dict().values()):
         if "running" in key:
             assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), key
@@ -323,19 +329,19 @@ def test_an_upload_not_finite_or_far_from_the_rounds_median_is_refused_as_comput
     upload = lambda *w: {"w": torch.tensor(w), "bn.num_batches_tracked": torch.tensor(7)}
     # the coordinate-wise median of the four: (0.5, 0.5); distances 0.707, 0.707, 0.707 and 49.3: 69.7x their median
     four = [upload(0.0, 0.0), upload(1.0, 0.0), upload(0.0, 1.0), upload(30.0, 40.0)]
-    assert common.refused_uploads(four, 10) == [None, None, None, "69.7x the median distance from the round's "
+    assert robust.refused_uploads(four, 10) == [None, None, None, "69.7x the median distance from the round's "
                                                 "median update (limit 10)"]
-    assert common.refused_uploads(four, 70) == [None] * 4 and common.refused_uploads(four, math.inf) == [None] * 4
+    assert robust.refused_uploads(four, 70) == [None] * 4 and robust.refused_uploads(four, math.inf) == [None] * 4
     four[1] = upload(0.0, math.nan)  # left out first; then the median of the rest is (0, 1), the distances 1, 0, 49.2
-    assert common.refused_uploads(four, 10)[1] == "not finite" and common.refused_uploads(four, 10)[3].startswith("49.2x")
+    assert robust.refused_uploads(four, 10)[1] == "not finite" and robust.refused_uploads(four, 10)[3].startswith("49.2x")
     # two uploads: each as far from their median as the other; only what is not finite shows
-    assert common.refused_uploads([upload(0.0, 0.0), upload(1e4, 1e4)], 10) == [None, None]
-    assert common.refused_uploads([upload(0.0, math.inf), upload(1.0, 1.0)], 10) == ["not finite", None]
-    assert not common.not_finite([torch.tensor([3e38, 3e38]), torch.tensor([1, 2])])  # a sum that overflows: finite
-    assert common.not_finite([torch.ones(3), torch.tensor([1.0, -math.inf], dtype=torch.bfloat16)])
+    assert robust.refused_uploads([upload(0.0, 0.0), upload(1e4, 1e4)], 10) == [None, None]
+    assert robust.refused_uploads([upload(0.0, math.inf), upload(1.0, 1.0)], 10) == ["not finite", None]
+    assert not robust.not_finite([torch.tensor([3e38, 3e38]), torch.tensor([1, 2])])  # a sum that overflows: finite
+    assert robust.not_finite([torch.ones(3), torch.tensor([1.0, -math.inf], dtype=torch.bfloat16)])
     for count in range(1, 21):  # the median by its network (up to 16) and by a sort, against numpy's
         values = torch.randn(count, 5, 3, dtype=torch.float64)
-        assert torch.allclose(common.coordinate_median(list(values)), torch.from_numpy(np.median(values.numpy(), axis=0)))
+        assert torch.allclose(robust.coordinate_median(list(values)), torch.from_numpy(np.median(values.numpy(), axis=0)))
 
 
 def test_fedavg_leaves_a_refused_upload_out_and_renormalises_the_others(three_sites):
@@ -344,11 +350,11 @@ def test_fedavg_leaves_a_refused_upload_out_and_renormalises_the_others(three_si
         for value, model in zip((1.0, math.nan, 4.0), models):
             model.weight.fill_(value)
             model.bias.fill_(value)
-    lines = []
-    run = Run("fedavg", *three_sites, parallel=True, log=lines.append)
+    lines, screen = [], Screen()
+    run = Run("fedavg", *three_sites, hooks=[screen], log=lines.append)
     fedlearn.average_models(run, models, [1, 5, 2])
     assert all(torch.equal(model.weight, torch.full((1, 2), 3.0)) for model in models)  # (1 x 1 + 4 x 2) / 3
-    assert run.refused == [dict(round=1, site=1, reason="not finite")]
+    assert screen.refused == [dict(round=1, site=1, reason="not finite")]
     assert lines == ["fedavg: client 1's update refused: not finite (round 1)"]
     with torch.no_grad():
         for model in models:
@@ -385,9 +391,9 @@ def test_same_seed_same_models_bytes_and_flops(three_sites, three_site_results):
 def test_scoring_and_batchnorm_statistics_put_the_images_where_the_model_is(three_sites):
     """A model kept in float64 while the images stay float32: the mismatch a model trained on a GPU meets with
     images on the CPU, mended by the same line (`common.to_model`). CI has no GPU; this is its guard."""
-    run = Run("central", *three_sites, parallel=True, **FAST)
+    run = Run("central", *three_sites, **FAST)
     model = nn.Sequential(*fresh_split()).double()
-    run.end_round(run.deploy(server_sides=[model] * 3))  # the statistics pass, then each site scored
+    run.deploy_and_score(server_sides=[model] * 3)  # the statistics pass, then each site scored
     assert len(run.history[0]["site_auroc"]) == 3 and 0 <= run.history[0]["auroc"] <= 1
     assert run.deployed[0][0].norm0.running_mean.dtype == torch.float64
 
@@ -398,8 +404,8 @@ TINY = ["--site-sizes", "16,12", "--image-size", "32", "--rounds", "1", "--batch
 def test_costs_only_at_three_sites_predicts_exactly_what_training_counts(three_sites, three_site_results):
     meta_sets = [[data.Site(s.images.to("meta"), s.labels, s.name) for s in sets] for sets in three_sites]
     for name, trained in three_site_results.items():
-        parts = common.cost_only(*fresh_split(), three_sites[0][0].images.shape[1:])
-        predicted = SCHEMES[name](*parts, *meta_sets, **dict(FAST, rounds=1, costs_only=True))
+        parts = cost_only(*fresh_split(), three_sites[0][0].images.shape[1:])
+        predicted = SCHEMES[name](*parts, *meta_sets, **dict(FAST, rounds=1, hooks=[CostsOnly()]))
         for key in ("bytes", "messages", "flops"):
             assert predicted[key] == trained[key], (name, key)
 
@@ -427,17 +433,17 @@ def test_distance_correlation_is_the_published_formula():
     torch.manual_seed(0)
     x = torch.randn(12, 3, 4)
     z = torch.cat([x.flatten(1)[:, :5] ** 2, torch.randn(12, 2)], 1)
-    assert privacy.distance_correlation(x, z) == pytest.approx(distance_correlation_by_the_book(x, z), abs=1e-6)
-    assert privacy.distance_correlation(x, z, chunk_size=5) == pytest.approx(privacy.distance_correlation(x, z), abs=1e-12)
+    assert attacks.distance_correlation(x, z) == pytest.approx(distance_correlation_by_the_book(x, z), abs=1e-6)
+    assert attacks.distance_correlation(x, z, chunk_size=5) == pytest.approx(attacks.distance_correlation(x, z), abs=1e-12)
 
 
 def test_ssim_and_psnr():
     torch.manual_seed(0)
     image = torch.rand(2, 1, 32, 32)
-    assert torch.allclose(privacy.ssim(image, image), torch.ones(2))
+    assert torch.allclose(attacks.ssim(image, image), torch.ones(2))
     noisy = [(image + sigma * torch.randn_like(image)).clamp(0, 1) for sigma in (0.05, 0.2)]
-    assert (privacy.ssim(noisy[0], image) > privacy.ssim(noisy[1], image)).all()
-    assert torch.allclose(privacy.psnr(image, image * 0 + image + 0.1), torch.full((2,), 20.0), atol=1e-4)
+    assert (attacks.ssim(noisy[0], image) > attacks.ssim(noisy[1], image)).all()
+    assert torch.allclose(attacks.psnr(image, image * 0 + image + 0.1), torch.full((2,), 20.0), atol=1e-4)
 
 
 LABEL_PRIVATE = {name: run for name, run in SCHEMES.items() if name != "fedavg"}
@@ -445,7 +451,8 @@ LABEL_PRIVATE = {name: run for name, run in SCHEMES.items() if name != "fedavg"}
 
 @pytest.mark.parametrize("scheme", LABEL_PRIVATE)
 def test_label_private_with_one_site_is_centralized_training(scheme, one_site, centralized_one_site):
-    result = LABEL_PRIVATE[scheme](*ds.label_private(*fresh_split()), *one_site, **FAST)
+    parts = labelprivate.label_private(*fresh_split())
+    result = LABEL_PRIVATE[scheme](*parts, *one_site, step=labelprivate.step, **FAST)
     got = result["models"][0].state_dict()
     for key, value in centralized_one_site["models"][0].state_dict().items():
         key = key.replace("1.classifier.", "0.head.")  # the head moved to the client
@@ -459,7 +466,7 @@ def test_nopeeks_penalty_and_its_gradient_match_the_formula_written_out():
     images = torch.rand(8, 1, 4, 4, generator=generator, dtype=torch.float64)
     activations = images.flatten(1)[:, :6] * 2 + 0.3 * torch.randn(8, 6, generator=generator, dtype=torch.float64)
     activations.requires_grad_()
-    penalty = privacy.nopeek_penalty(images, activations)
+    penalty = defenses.nopeek_penalty(images, activations)
     assert penalty.item() == pytest.approx(distance_correlation_by_the_book(images, activations.detach()), rel=1e-10)
     (grad_penalty,) = torch.autograd.grad(penalty, activations)
     for index in [(0, 0), (3, 2), (7, 5)]:  # central differences of the formula
@@ -470,11 +477,11 @@ def test_nopeeks_penalty_and_its_gradient_match_the_formula_written_out():
                    - distance_correlation_by_the_book(images, shifted[1])) / 2e-6
         assert grad_penalty[index].item() == pytest.approx(numeric, rel=1e-5)
     # the client's backward pass: the server's gradient plus alpha times the penalty's
-    sent, flops = privacy.Defense(nopeek=0.5).activations(images, activations, key=(0, 0, 0, 0))
+    sent, flops = defenses.Defense(nopeek=0.5).activations(images, activations, key=(0, 0, 0, 0))
     grad_from_server = torch.randn(8, 6, generator=generator, dtype=torch.float64)
     sent.backward(grad_from_server)
     assert torch.allclose(activations.grad, grad_from_server + 0.5 * grad_penalty, rtol=1e-12, atol=0)
-    assert torch.equal(sent, activations) and flops == privacy.nopeek_flops(8, 16, 6)
+    assert torch.equal(sent, activations) and flops == defenses.nopeek_flops(8, 16, 6)
 
 
 # The numbers docs/course.md quotes
@@ -508,8 +515,8 @@ def test_the_course_quotes_what_the_code_computes(capsys):
         human(rows["sfv3"]["bytes"]["client->aggregator"], "B"),
         *(human(rows[name]["flops"]["aggregator"]) for name in ("sfv1", "sfv2", "sfv3")),
         str(sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in whole.modules())),
-        number(privacy.nopeek_flops(32, 48 * 48, int(np.prod(activation)))),
-        human(nopeek["flops"]["client"] - sl["flops"]["client"]), human(sl["flops"]["client"]), str(privacy.NOISE_FLOPS),
+        number(defenses.nopeek_flops(32, 48 * 48, int(np.prod(activation)))),
+        human(nopeek["flops"]["client"] - sl["flops"]["client"]), human(sl["flops"]["client"]), str(defenses.NOISE_FLOPS),
         human(noise["flops"]["client"] - sl["flops"]["client"]), human(label_private["bytes"]["client->server"], "B"),
         human(sl["bytes"]["client->server"], "B")}
     assert rows["fedavg"]["flops"]["aggregator"] == rows["sfv1"]["flops"]["aggregator"]  # lesson 1: "both count"
@@ -538,11 +545,11 @@ def test_gradient_inversion_reconstructs_one_image_in_the_dlg_setting():
     loss = F.binary_cross_entropy_with_logits(net(image).squeeze(1), label)
     gradients = torch.autograd.grad(loss, list(net.parameters()))
     before = copy.deepcopy(net.state_dict())
-    reconstructed = privacy.invert_gradient(net, gradients, label, (1, 32, 32))
+    reconstructed = attacks.invert_gradient(net, gradients, label, (1, 32, 32))
     assert reconstructed.shape == (1, 1, 32, 32) and 0 <= reconstructed.min() and reconstructed.max() <= 1
-    assert float(privacy.ssim(reconstructed, image)) >= 0.9
-    other = privacy.invert_gradient(net, gradients, 1 - label, (1, 32, 32), steps=200)  # the wrong label
-    assert float(privacy.ssim(other, image)) < float(privacy.ssim(reconstructed, image))
+    assert float(attacks.ssim(reconstructed, image)) >= 0.9
+    other = attacks.invert_gradient(net, gradients, 1 - label, (1, 32, 32), steps=200)  # the wrong label
+    assert float(attacks.ssim(other, image)) < float(attacks.ssim(reconstructed, image))
     assert all(torch.equal(value, before[key]) for key, value in net.state_dict().items())  # the model untouched
 
 
@@ -552,5 +559,5 @@ def test_epsilon_of_client_level_dp_is_opacus_rdp_accountants():
     for sigma, rounds, delta in [(1.0, 5, 1e-5), (0.5, 20, 1e-5), (2.0, 100, 1e-6), (10.0, 3, 1e-3), (0.01, 5, 1e-5)]:
         accountant = accountants.RDPAccountant()
         accountant.history = [(sigma, 1.0, rounds)]  # (noise multiplier, sample rate, steps)
-        assert privacy.epsilon(sigma, rounds, delta) == pytest.approx(accountant.get_epsilon(delta), rel=0.01)
-    assert privacy.epsilon(0, 5, 1e-5) is None  # no noise: no guarantee
+        assert defenses.epsilon(sigma, rounds, delta) == pytest.approx(accountant.get_epsilon(delta), rel=0.01)
+    assert defenses.epsilon(0, 5, 1e-5) is None  # no noise: no guarantee
