@@ -133,145 +133,85 @@ def poison(text):
 
 
 def parse_args(argv):
-    parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time.",
-                    formatter_class=Formatter)
-    federation = parser.add_argument_group("data", "the federation: synthetic (default) or X-ray folders")
-    federation.add_argument("--data", metavar="PATH", default=None,
-                            help="X-ray folder or CSV manifest (docs/data.md); default: the synthetic federation")
-    federation.add_argument("--sites", type=positive(int), default=None,
-                            help=f"number of sites (default: {data.NUM_SITES} synthetic, or the folder's own sites)")
-    federation.add_argument("--site-sizes", type=size_list, default=None, metavar="N,N,...",
-                            help=f"synthetic images per site, train and test (default: "
-                                 f"{','.join(map(str, data.SITE_SIZES))}, then 96)")
-    federation.add_argument("--same-scanner", action="store_true",
-                            help="synthetic sites all acquire with one scanner (data.SHARED_SCANNER): they then differ "
-                                 "in size and prevalence only (default: each its own contrast, gamma, noise and blur)")
-    federation.add_argument("--partition", choices=("site", "iid", "dirichlet"), default="site",
-                            help="--data: keep its sites, or pool and split into --sites")
-    federation.add_argument("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
-    training = parser.add_argument_group("training", "what trains, and how")
-    training.add_argument("--schemes", type=scheme_list, default=None, metavar="LIST",
-                          help="comma-separated schemes to run (default: all; the split schemes with --defense; "
-                               "sl-client with --tradeoff)")
-    training.add_argument("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
-    training.add_argument("--cut", choices=CUTS, default="transition1", metavar="NAME",
-                          help=f"split point, one of {', '.join(CUTS)}")
-    training.add_argument("--bn", choices=BN_SETTINGS, default="local",
-                          help="BatchNorm statistics of the deployed models: local (recomputed at each site on its own "
-                               "training images) or averaged (as training and averaging left them)")
-    training.add_argument("--batch-size", type=positive(int), default=32, help="mini-batch size")
-    training.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
-    training.add_argument("--order", choices=ORDERS, default="fixed",
-                          help="the order of split learning's and SplitFed v2's client turns: fixed (site order "
-                               "every round, as the paper did) or shuffled (a seeded order drawn each round)")
-    training.add_argument("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
-    training.add_argument("--label-private", action="store_true",
-                          help="split schemes keep the classifier head and the loss at the client (U-shaped): "
-                               "labels never leave a site")
-    training.add_argument("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
-                          help="a client-side defense, several allowed: for the split schemes nopeek:ALPHA (loss + "
-                               "ALPHA x dCor² of images and activations), noise:SIGMA (Gaussian noise of SIGMA x the "
-                               "activations' std on what is sent), gradient-noise:SIGMA (the same on the gradients "
-                               "a --label-private client returns); for fedavg, sfv1 and sfv2 dp:SIGMA (each client's "
-                               "update clipped to --clip, plus Gaussian noise of SIGMA x --clip: client-level "
-                               "differential privacy, ε reported at --delta); default: none")
-    training.add_argument("--clip", type=positive(float, or_infinite=True), default=50.0, metavar="NORM",
-                          help="--defense dp: the L2 norm each client's update is clipped to (inf: unbounded; "
-                               "docs/privacy.md says which updates 50 clips)")
-    training.add_argument("--delta", type=positive(float), default=1e-5, metavar="D",
-                          help="--defense dp: the δ at which ε is reported")
-    training.add_argument("--max-update-ratio", type=positive(float, or_infinite=True), default=10.0, metavar="X",
-                          help="averaging leaves out an upload farther from the round's median upload than X times "
-                               "the median distance (with 3 sites or more), and any that is not finite; inf: only "
-                               "those (docs/distributed.md)")
-    training.add_argument("--poison", type=poison, action="append", default=[], metavar="SITE:nan|SITE:SCALE",
-                          help="test the averaging's checks: client SITE's uploads for averaging carry a NaN, or "
-                               "are multiplied by SCALE (repeat for other clients)")
-    training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                          help="auto: cuda when available, else cpu")
-    training.add_argument("--bf16", action="store_true",
-                          help="bf16 autocast: halves activation bytes; on a GPU faster at large batches (docs/gpu.md)")
-    training.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
-                          help="memory layout of images, activations and convolution weights (channels-last is "
-                               "faster on CPUs and GPUs; the numbers differ in the last bits)")
-    training.add_argument("--deterministic", action="store_true",
-                          help="the same seed gives the same models on a GPU too: deterministic kernels, no cuDNN "
-                               "autotuning (its cost: docs/gpu.md; a CPU run is reproducible without it)")
-    training.add_argument("--threads", type=positive(int), default=None, metavar="N",
-                          help="threads per process (default: torch's; with --distributed spawned here, the cores "
-                               "shared among the processes)")
-    measuring = parser.add_argument_group("what to measure", "besides AUROC, bytes, FLOPs and time")
-    measuring.add_argument("--attack", action="store_true",
-                           help="also run the reconstruction attacks on what each party received after every round "
-                                "(a decoder trained on another site's images; the inversion of FedAvg's update)")
-    measuring.add_argument("--attack-steps", type=positive(int), default=1000, metavar="N",
-                           help="the reconstruction attack's decoder training steps (the inversion of FedAvg's update "
-                                "in round 1: a fifth as many)")
-    measuring.add_argument("--inversion-curve", action="store_true",
-                           help="instead of training the schemes: FedAvg's aggregator inverts one client's update after "
-                                "1 local step on 1, 4 and 8 of site 0's images, then 2 and 8 steps on 8 (--attack-steps "
-                                "steps each; one image trains only from --image-size 64)")
-    measuring.add_argument("--tradeoff", action="store_true",
-                           help="train each scheme (default sl-client and fedavg) undefended and at a ladder of "
-                                "strengths per defense that applies to it (nopeek 0.1,0.3,1,3; noise 0.1,0.3,1; "
-                                "gradient-noise 0.1,0.3,1 with --label-private; dp 0,0.0001,0.001,0.01,1 at --clip; "
-                                "or the --defense points given) and print privacy against AUROC")
-    measuring.add_argument("--cuts-sweep", action="store_true",
-                           help="after the run, the server's view at every cut of one trained model (the first of "
-                                "central and the split schemes to run): dCor², and with --attack the reconstruction")
-    measuring.add_argument("--costs-only", action="store_true",
-                           help="count bytes and FLOPs without training (the same loops, model parts that do no "
-                                "arithmetic)")
-    measuring.add_argument("--profile", action="store_true",
-                           help="also print, per scheme, training images per second, the shares of time in forward, "
-                                "backward, optimizer and transfers, and peak memory (synchronises the GPU at every "
-                                "step)")
-    measuring.add_argument("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
-                           help="deployment estimate: each link's bandwidth in Mbit/s")
-    measuring.add_argument("--latency", type=positive(float, or_zero=True), default=20.0, metavar="MS",
-                           help="deployment estimate: round-trip time between any two parties in ms (20: a hospital "
-                                "and a cloud server in the same region; 0.5: one LAN); every transfer waits half of it")
-    measuring.add_argument("--client-tflops", type=positive(float), default=5.0, metavar="X",
-                           help="deployment estimate: a client's sustained TFLOP/s")
-    measuring.add_argument("--server-tflops", type=positive(float), default=50.0, metavar="X",
-                           help="deployment estimate: the server's sustained TFLOP/s")
-    processes = parser.add_argument_group("real processes", "every party its own process (docs/distributed.md)")
-    processes.add_argument("--distributed", action="store_true",
-                           help="run every party as its own process on torch.distributed: spawned here over loopback, "
-                                "or, started by torchrun, this process is one party (docs/distributed.md)")
-    processes.add_argument("--max-restarts", type=positive(int, or_zero=True), default=0, metavar="N",
-                           help="--distributed spawned here: when a party fails, end the others and start them all "
-                                "again, up to N times; they go on from their checkpoints (needs --save DIR), as under "
-                                "torchrun --max-restarts N")
-    processes.add_argument("--provision", metavar="DIR",
-                           help="write one kit per party of this federation (its sites as --sites, --site-sizes or "
-                                "--data give them) into DIR: DIR/server, DIR/client-0, ...; nothing is trained "
-                                "(needs the [secure] extra; docs/distributed.md)")
-    processes.add_argument("--key", metavar="PATH",
-                           help="--distributed: every message between the parties authenticated and encrypted, and "
-                                "what they write to the rendezvous store signed, with the kits of --provision: PATH "
-                                "is their folder when the parties are spawned here, this party's own kit under "
-                                "torchrun (default: none, gloo's plain TCP; needs the [secure] extra)")
-    processes.add_argument("--insecure", action="store_true",
-                           help="--distributed across machines (MASTER_ADDR not a loopback address) without --key: "
-                                "run although the parties' traffic is neither authenticated nor encrypted, inside a "
-                                "network you trust (a VPN; docs/distributed.md)")
-    processes.add_argument("--timeout", type=positive(float), default=None, metavar="SECONDS",
-                           help="--distributed: the longest a party waits for another (default: one round of all "
-                                "the parties' work at 5 GFLOP/s, plus a minute)")
-    output = parser.add_argument_group("output", "files written as each scheme ends")
-    output.add_argument("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
-    output.add_argument("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
-    output.add_argument("--save", metavar="DIR",
-                        help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, with model.json) "
-                             "and DIR/results.json with every round's history, as each scheme ends")
-    output.add_argument("--resume", metavar="DIR",
-                        help="go on with a run saved with --save DIR that was interrupted (give its other flags "
-                             "again): its finished schemes are kept, the interrupted one goes on from its last "
-                             "complete round (DIR/SCHEME/checkpoint.pt; --distributed: each party's own, "
-                             "checkpoint-PARTY.pt), the rest start; --save DIR implied")
-    output.add_argument("--plot", metavar="PATH.png",
-                        help="draw AUROC per round and final AUROC against total bytes (needs the [plot] extra)")
+    parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time "
+                                "(docs/bench.md).", formatter_class=Formatter)
+    add = parser.add_argument_group("data", "the federation: synthetic (default) or X-ray folders").add_argument
+    add("--data", metavar="PATH", help="X-ray folder or CSV manifest (docs/data.md); default: the synthetic federation")
+    add("--sites", type=positive(int), help=f"number of sites (default: {data.NUM_SITES} synthetic, or the folder's own)")
+    add("--site-sizes", type=size_list, metavar="N,N,...",
+        help=f"synthetic images per site, train and test (default: {','.join(map(str, data.SITE_SIZES))}, then 96)")
+    add("--same-scanner", action="store_true", help="synthetic sites all acquire with one scanner (data.SHARED_SCANNER), "
+                                                    "differing in size and prevalence only")
+    add("--partition", choices=("site", "iid", "dirichlet"), default="site",
+        help="--data: keep its sites, or pool and split into --sites")
+    add("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
+    add = parser.add_argument_group("training", "what trains, and how").add_argument
+    add("--schemes", type=scheme_list, metavar="LIST", help="comma-separated schemes to run (default: all; the split "
+                                                            "schemes with --defense; sl-client and fedavg with --tradeoff)")
+    add("--rounds", type=positive(int), default=5, help="rounds (each: every training image once)")
+    add("--cut", choices=CUTS, default="transition1", metavar="NAME", help=f"split point, one of {', '.join(CUTS)}")
+    add("--bn", choices=BN_SETTINGS, default="local", help="BatchNorm statistics of the deployed models: local (each "
+                                                           "site's own training images) or averaged (as training left them)")
+    add("--batch-size", type=positive(int), default=32, help="mini-batch size")
+    add("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    add("--order", choices=ORDERS, default="fixed", help="the order of split learning's and SplitFed v2's client turns: "
+                                                         "fixed (site order, as the paper) or shuffled (seeded, each round)")
+    add("--seeds", type=positive(int), default=1, help="seeds 0..N-1; mean ± std over seeds")
+    add("--label-private", action="store_true",
+        help="split schemes keep the classifier head and the loss at the client (U-shaped): labels never leave a site")
+    add("--defense", type=defense, action="append", default=[], metavar="NAME:STRENGTH",
+        help="a client-side defense, several allowed (docs/privacy.md): nopeek:ALPHA, noise:SIGMA, gradient-noise:SIGMA "
+             "(--label-private) for the split schemes; dp:SIGMA for fedavg, sfv1, sfv2 (client-level differential "
+             "privacy: each update clipped to --clip, plus noise of SIGMA x --clip; ε at --delta); default: none")
+    add("--clip", type=positive(float, or_infinite=True), default=50.0, metavar="NORM",
+        help="--defense dp: the L2 norm each client's update is clipped to (inf: unbounded)")
+    add("--delta", type=positive(float), default=1e-5, metavar="D", help="--defense dp: the δ at which ε is reported")
+    add("--max-update-ratio", type=positive(float, or_infinite=True), default=10.0, metavar="X",
+        help="averaging leaves out an upload not finite, or farther from the round's median upload than X times the "
+             "median distance (3 sites or more; inf: never for its distance)")
+    add("--poison", type=poison, action="append", default=[], metavar="SITE:nan|SITE:SCALE",
+        help="test the averaging's checks: client SITE's uploads carry a NaN, or are multiplied by SCALE")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available, else cpu")
+    add("--bf16", action="store_true", help="bf16 autocast: halves activation bytes (docs/gpu.md: when it is faster)")
+    add("--layout", choices=("channels-last", "contiguous"), default="channels-last",
+        help="memory layout of images, activations and convolution weights (the numbers differ in the last bits)")
+    add("--deterministic", action="store_true", help="the same seed gives the same models on a GPU too: deterministic "
+                                                     "kernels, no cuDNN autotuning (a CPU run is so without it)")
+    add("--threads", type=positive(int), metavar="N", help="threads per process (default: torch's; with --distributed "
+                                                           "spawned here, the cores shared among the processes)")
+    add = parser.add_argument_group("what to measure", "besides AUROC, bytes, FLOPs and time").add_argument
+    add("--attack", action="store_true", help="also run the reconstruction attacks on what each party received, after "
+                                              "every round (docs/privacy.md)")
+    add("--attack-steps", type=positive(int), default=1000, metavar="N",
+        help="the attacks' decoder training steps (the inversion of FedAvg's update: a fifth as many)")
+    add("--inversion-curve", action="store_true",
+        help="instead of training the schemes: FedAvg's aggregator inverts one client's update after 1 local step on "
+             "1, 4 and 8 of site 0's images, then 2 and 8 steps on 8 (--attack-steps steps each)")
+    add("--tradeoff", action="store_true",
+        help="train each scheme undefended and at each strength of a ladder per defense that applies (or at the "
+             "--defense points given), and print privacy against AUROC (docs/privacy.md)")
+    add("--cuts-sweep", action="store_true", help="after the run, the server's view at every cut of one trained model: "
+                                                  "dCor², and with --attack the reconstruction")
+    add("--costs-only", action="store_true",
+        help="count bytes and FLOPs without training (the same loops, model parts that do no arithmetic)")
+    add("--profile", action="store_true", help="also print per scheme images per second, the shares of time in forward, "
+                                               "backward, optimizer and transfers, and peak memory")
+    add("--bandwidth", type=positive(float), default=100.0, metavar="MBIT",
+        help="deployment estimate: each link's bandwidth in Mbit/s")
+    add("--latency", type=positive(float, or_zero=True), default=20.0, metavar="MS",
+        help="deployment estimate: round-trip time between two parties in ms (20: a hospital and a cloud server in one "
+             "region; 0.5: one LAN); every transfer waits half of it")
+    add("--client-tflops", type=positive(float), default=5.0, metavar="X", help="deployment estimate: a client's TFLOP/s")
+    add("--server-tflops", type=positive(float), default=50.0, metavar="X", help="deployment estimate: the server's TFLOP/s")
+    distributed.add_flags(parser, positive)
+    add = parser.add_argument_group("output", "files written as each scheme ends").add_argument
+    add("--json", metavar="PATH", help="write every row as JSON (rewritten as each row ends)")
+    add("--csv", metavar="PATH", help="write every row as CSV (rewritten as each row ends)")
+    add("--save", metavar="DIR", help="write each scheme's deployed model per site (DIR/SCHEME/site-K.pt, model.json), "
+                                      "DIR/results.json and each round's checkpoint, as each scheme ends")
+    add("--resume", metavar="DIR", help="go on with a run saved with --save DIR that was interrupted (its other flags "
+                                        "again): finished schemes kept, the interrupted one from its last round")
+    add("--plot", metavar="PATH.png", help="draw AUROC per round and final AUROC against total bytes (needs [plot])")
     args = parser.parse_args(argv)
     check(args, parser)
     return args, parser
@@ -310,18 +250,8 @@ def check(args, parser):
         ((args.attack or args.cuts_sweep) and untrained, f"--attack and --cuts-sweep need trained models; {untrained}"),
         (args.distributed and (args.label_private or args.cuts_sweep),
          "--distributed runs the schemes as they are: --label-private and --cuts-sweep run in the simulation"),
-        (args.max_restarts and not (args.distributed and args.save),
-         "--max-restarts starts the parties of a --distributed run again from their checkpoints: it needs "
-         "--distributed and --save DIR"),
         (args.save and untrained, f"--save keeps trained models; {untrained}"),
-        (args.distributed and (args.costs_only or args.profile),
-         "--distributed trains for real; it cannot go with --costs-only or --profile"),
-        (args.key and not args.distributed, "--key authenticates the parties of a --distributed run; add --distributed"),
-        (args.key and args.insecure, "--key protects the traffic, --insecure runs it unprotected: choose one"),
-        (args.provision and (args.distributed or args.key),
-         "--provision writes the kits and trains nothing; start the run with --distributed --key after"),
-        (args.distributed and args.partition != "site",
-         "--distributed: each client reads its own site; --partition iid/dirichlet pools them first"),
+        *distributed.refused(args),
         *((path and os.path.isdir(path), f"{flag} {path} is a folder; it names the file to write")
           for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot))),
         (args.save and os.path.exists(args.save) and not os.path.isdir(args.save),
@@ -338,12 +268,6 @@ def check(args, parser):
     for broken, message in refused:
         if broken:
             parser.error(message)
-    for flag, wanted in (("--provision", args.provision), ("--key", args.key)):
-        try:
-            if wanted:
-                secure.require(flag)
-        except ValueError as error:
-            parser.error(str(error))
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -358,32 +282,21 @@ def site_sizes(args):
     return args.site_sizes or data.default_site_sizes(args.sites or data.NUM_SITES)
 
 
-def load_sites(args):
-    """(train_sets, test_sets): the synthetic federation or the folder's sites; with --costs-only, their shapes only."""
+def load_sites(args, only_site=None):
+    """(train_sets, test_sets) of the run's federation, synthetic or from --data (with --costs-only their shapes only);
+    `only_site`: a client's own in a distributed run, (train set, test set), made or read alone (a folder of one site
+    is that client's own)."""
     if args.data is None:
-        return data.synthetic_sites(num_sites=len(site_sizes(args)), image_size=args.image_size, site_sizes=args.site_sizes,
-                                    shapes_only=args.costs_only, same_scanner=args.same_scanner)
-    train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites,
-                                              partition=args.partition)
-    if args.costs_only:  # counting needs the shapes only
-        train_sets, test_sets = ([data.Site(s.images.to("meta"), s.labels, s.name) for s in sets]
-                                 for sets in (train_sets, test_sets))
-    return train_sets, test_sets
-
-
-def load_own_site(args, site):
-    """A client's own site in a distributed run, (train set, test set): its images, made or read here alone (a folder
-    of several sites gives this client the one at its index; a folder of one site is this client's own)."""
-    if args.data is None:
-        train_sets, test_sets = data.synthetic_sites(num_sites=len(site_sizes(args)), image_size=args.image_size,
-                                                     site_sizes=args.site_sizes, only_site=site,
-                                                     same_scanner=args.same_scanner)
-    elif len(data.site_names(args.data)) == 1:
-        (train_set,), (test_set,) = data.folder_sites(args.data, image_size=args.image_size)
-        return train_set, test_set
+        sites = data.synthetic_sites(num_sites=len(site_sizes(args)), image_size=args.image_size, site_sizes=args.site_sizes,
+                                     shapes_only=args.costs_only, same_scanner=args.same_scanner, only_site=only_site)
+    elif only_site is not None and len(data.site_names(args.data)) == 1:
+        sites, only_site = data.folder_sites(args.data, image_size=args.image_size), 0
     else:
-        train_sets, test_sets = data.folder_sites(args.data, image_size=args.image_size, only_site=site)
-    return train_sets[site], test_sets[site]
+        sites = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites, partition=args.partition,
+                                  only_site=only_site)
+        if args.costs_only:  # counting needs the shapes only
+            sites = [[data.Site(s.images.to("meta"), s.labels, s.name) for s in sets] for sets in sites]
+    return sites if only_site is None else tuple(sets[only_site] for sets in sites)
 
 
 def defenses(args, scheme):
@@ -431,37 +344,29 @@ def set_determinism(deterministic):
     torch.backends.cudnn.benchmark = False
 
 
-def hooks_for(args, row, scheme, defense, sites, transport, failed, say):
-    """What watches or changes one scheme's run, in the order the run calls them (`common.Run`): the transport first
-    (the others see what arrived), the client's defense and any poison before the aggregator's checks, the privacy
-    measures before the checkpoint (which saves them), the profile last. Returns (hooks, the profile or None)."""
-    rank, screen = transport.rank if transport else 0, Screen(args.max_update_ratio)
-    hooks = [transport] if transport else []
-    if defense and scheme in SPLIT_SCHEMES + UPLOADING:
-        hooks.append(defense)
+def train_scheme(args, row, defense, sites, transport, warm_up, attempting, log):
+    """One scheme trained from its seed's initial weights under the hooks the flags ask for, in the order the run calls
+    them (`common.Run`): the transport first (the others see what arrived), the client's defense and any poison before
+    the aggregator's checks, the privacy measures before the checkpoint (which saves them), the profile last. Returns
+    (its result, its profile or None). `attempting(what, function)` runs each measurement; `log` takes each round's
+    line of progress."""
+    scheme, rank, screen = row["scheme"], transport.rank if transport else 0, Screen(args.max_update_ratio)
+    hooks = ([transport] if transport else []) + ([defense] if defense and scheme in SPLIT_SCHEMES + UPLOADING else [])
     hooks += [Poison(*planted) for planted in args.poison] + [screen]
     if args.costs_only:
         hooks.append(CostsOnly())
     else:  # what each party receives, recorded as it arrives, then measured after each round
         recorder = privacy.Recorder(sites[0], args.batch_size, row["seed"])
-        hooks += [recorder, privacy.Measures(recorder, args.attack_steps if args.attack else 0,
-                                             lambda what, function: attempt(what, function, failed, say))]
+        hooks += [recorder, privacy.Measures(recorder, args.attack_steps if args.attack else 0, attempting)]
     if args.save:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`), or each party's own
         hooks.append(Checkpoint(resume.fresh_checkpoint(row, args, rank if transport else None), transport,
                                 keep=[*([transport] if transport else []), screen], noted=dict(defense=row["defense"])))
     profile = Profile(args.device) if args.profile else None
-    return hooks + ([profile] if profile else []), profile
-
-
-def train_scheme(args, row, sites, transport, hooks, warm_up, say):
-    """One scheme trained from its seed's initial weights, watched and changed by `hooks`: its result."""
-    scheme = row["scheme"]
     if transport:
         transport.begin(scheme)  # from here on: this party's busy time and peak memory for the scheme
     torch.manual_seed(row["seed"])
     client_model, server_model = split_densenet121(args.cut)
-    image_shape = sites[0][0].images.shape[1:]
-    split = {}
+    image_shape, split = sites[0][0].images.shape[1:], {}
     if args.label_private and scheme in SPLIT_SCHEMES:
         client_model, server_model = label_private(client_model, server_model)
         split = dict(step=label_private_step)
@@ -469,14 +374,16 @@ def train_scheme(args, row, sites, transport, hooks, warm_up, say):
         client_model, server_model = cost_only(client_model, server_model, image_shape)
     if transport:
         client_model, server_model = transport.parts(client_model, server_model, image_shape)
-    if not args.costs_only:  # (untimed: the run's first kernels, here and not in its first round)
+    if not args.costs_only:  # (untimed: the process's first kernels run here, not in the first round)
         parts = [client_model, server_model] + ([client_model.head] if split else [])
         warm_up(parts if scheme in SPLIT_SCHEMES else [nn.Sequential(client_model, server_model)], sites[0],
                 args.batch_size, args.device, args.bf16, args.layout == "channels-last")
-    return SCHEMES[scheme](client_model, server_model, *sites, rounds=args.rounds, batch_size=args.batch_size,
-                           lr=args.lr, seed=row["seed"], bf16=args.bf16, bn=args.bn, order=args.order,
-                           device=args.device, channels_last=args.layout == "channels-last", hooks=hooks,
-                           log=lambda line: say(line, flush=True), **split)
+    with profile.measure() if profile else contextlib.nullcontext():
+        result = SCHEMES[scheme](client_model, server_model, *sites, rounds=args.rounds, batch_size=args.batch_size,
+                                 lr=args.lr, seed=row["seed"], bf16=args.bf16, bn=args.bn, order=args.order,
+                                 device=args.device, channels_last=args.layout == "channels-last",
+                                 hooks=hooks + ([profile] if profile else []), log=log, **split)
+    return result, profile
 
 
 def run_job(args, seed, scheme, defense, sites, transport, finished, say, estimate, warm_up):
@@ -491,12 +398,11 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
         row_say(f"finished before: kept from {args.save}", flush=True)
         return (finished[scheme, seed, row["defense"]], None,
                 report.load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt")) if sweeps else None)
-    hooks, profile = hooks_for(args, row, scheme, defense, sites, transport, failed, row_say)
     estimate.job_started()
     try:
-        with profile.measure() if profile else contextlib.nullcontext():
-            result = train_scheme(args, row, sites, transport, hooks, warm_up,
-                                  lambda line, **options: (say(line, **options), estimate.round_ended()))
+        result, profile = train_scheme(args, row, defense, sites, transport, warm_up,
+                                       lambda what, function: attempt(what, function, failed, row_say),
+                                       lambda line: (say(line, flush=True), estimate.round_ended()))
     except PartyFailed as error:
         distributed.stop(rank, str(error))
     except Exception as error:  # one scheme failing never loses the rows already finished
@@ -540,40 +446,42 @@ def main(argv=None):
     set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.provision:  # (tasks of their own, with no federation to train)
-        return provision(args, parser)
-    if args.inversion_curve:
-        try:
-            return attacks.curve_experiment(load_sites(args)[0], args.cut, args.lr, args.attack_steps, args.json)
-        except OSError as error:
-            print(f"bench.py: error: {error}", file=sys.stderr)
-            sys.exit(1)
-    if "RANK" not in os.environ and not args.costs_only:  # (a party started by torchrun: its machine's own affair)
-        try:
-            too_big = estimates.check_memory(args, site_sizes(args), report.human)
-        except ValueError as error:
-            too_big = str(error)
-        if too_big:
-            parser.error(too_big)
-    if args.distributed and "RANK" not in os.environ:  # spawn every party here; rank 0 prints the table
-        if args.resume:  # refused here, in one line, before any party starts
-            resume.resumable(args, [job_row(args, *job) for job in jobs(args)], parser.error, silent, rank=0)
-        try:
-            return launch.parties(__file__, sys.argv[1:] if argv is None else argv, len(site_sizes(args)) + 1,
-                                  args.key, args.threads, args.max_restarts, args.json)
-        except ValueError as error:
-            parser.error(str(error))
-    if args.distributed:
-        transport, sites = distributed.join(args, parser.error, lambda site: load_own_site(args, site))
-    else:
-        try:
-            transport, sites = None, load_sites(args)
-        except (ValueError, OSError) as error:
-            parser.error(str(error))
-    if any(site >= len(sites[0]) for site, _ in args.poison):
-        parser.error(f"--poison: there are {len(sites[0])} sites, numbered from 0")
+    if args.provision or args.inversion_curve:  # (tasks of their own, with no federation to train)
+        return provision(args, parser) if args.provision else inversion_curve(args)
+    if "RANK" not in os.environ:  # this process starts the run (not a party that torchrun or launch.py started)
+        refuse_what_cannot_fit(args, parser)
+        if args.distributed:  # every party its own process, here; rank 0 prints the table
+            return spawn(sys.argv[1:] if argv is None else argv, args, parser)
+    transport, sites = join(args, parser)
+    say = print if not transport or transport.rank == 0 else silent
+    rows, profiles, sweep, failed = run_jobs(args, sites, transport, say, parser)
+    if transport:
+        transport.close()
+        if transport.rank != 0:
+            return rows
+    report.print_tables(rows, args, transport is not None)
+    if sweep:
+        attacks.sweep_experiment(*sweep, sites[0], args.batch_size, args.attack, args.attack_steps, args.plot,
+                                 lambda what, function: attempt(what, function, failed, say))
+    if any(profiles):
+        print(f"\nwhere training time goes ({args.device}):")
+        print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
+    if args.plot:
+        attempt("plot", lambda: (report.plot_tradeoff if args.tradeoff else report.plot)(rows, args.plot), failed, say)
+        if "plot" not in failed:
+            print(f"plot: {args.plot}")
+    problems = report.failures(rows) + [f"{what} failed: {cause}" for what, cause in failed.items()]
+    for problem in problems:
+        print(f"bench.py: error: {problem}", file=sys.stderr, flush=True)
+    if problems and argv is None:
+        sys.exit(1)
+    return rows
+
+
+def run_jobs(args, sites, transport, say, parser):
+    """Every job of the run in turn (`run_job`), the files rewritten as each row ends: (rows, their profile lines,
+    the model the cuts sweep takes, what failed outside the rows)."""
     rank = transport.rank if transport else 0
-    say = print if rank == 0 else silent
     refuse = (lambda message: transport.fail(f"server: {message}")) if transport else parser.error
     finished = resume.kept_rows(args, [job_row(args, *job) for job in jobs(args)], refuse, say, transport)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed outside the rows, and why
@@ -594,27 +502,53 @@ def main(argv=None):
         report.add_ratios(rows)
         if rank == 0:
             attempt("writing the results", lambda: report.write_outputs(rows, args), failed, say)
-    if transport:
-        transport.close()
-        if rank != 0:
-            return rows
-    report.print_tables(rows, args, transport is not None)
-    if sweep:
-        attacks.sweep_experiment(*sweep, sites[0], args.batch_size, args.attack, args.attack_steps, args.plot,
-                                 lambda what, function: attempt(what, function, failed, say))
-    if any(profiles):
-        print(f"\nwhere training time goes ({args.device}):")
-        print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
-    if args.plot:
-        attempt("plot", lambda: (report.plot_tradeoff if args.tradeoff else report.plot)(rows, args.plot), failed, say)
-        if "plot" not in failed:
-            print(f"plot: {args.plot}")
-    problems = report.failures(rows) + [f"{what} failed: {cause}" for what, cause in failed.items()]
-    for problem in problems:
-        print(f"bench.py: error: {problem}", file=sys.stderr, flush=True)
-    if problems and argv is None:
+    return rows, profiles, sweep, failed
+
+
+def refuse_what_cannot_fit(args, parser):
+    """A run that cannot fit in this machine's memory (`estimates.check_memory`) is refused before anything starts."""
+    if not args.costs_only:
+        try:
+            too_big = estimates.check_memory(args, site_sizes(args), report.human)
+        except ValueError as error:
+            too_big = str(error)
+        if too_big:
+            parser.error(too_big)
+
+
+def spawn(argv, args, parser):
+    """--distributed without torchrun: every party a process of this machine (`launch.parties`); rank 0's rows."""
+    if args.resume:  # refused here, in one line, before any party starts
+        resume.resumable(args, [job_row(args, *job) for job in jobs(args)], parser.error, silent, rank=0)
+    try:
+        return launch.parties(__file__, argv, len(site_sizes(args)) + 1, args.key, args.threads, args.max_restarts,
+                              args.json)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def join(args, parser):
+    """(transport, sites) of this process: none and every site in a simulation; under --distributed, its party's
+    transport, its own site and the others' shapes (`distributed.join`)."""
+    try:
+        if args.distributed:
+            transport, sites = distributed.join(args, parser.error, lambda site: load_sites(args, only_site=site))
+        else:
+            transport, sites = None, load_sites(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    if any(site >= len(sites[0]) for site, _ in args.poison):
+        parser.error(f"--poison: there are {len(sites[0])} sites, numbered from 0")
+    return transport, sites
+
+
+def inversion_curve(args):
+    """--inversion-curve (`attacks.curve_experiment`): its rows."""
+    try:
+        return attacks.curve_experiment(load_sites(args)[0], args.cut, args.lr, args.attack_steps, args.json)
+    except OSError as error:
+        print(f"bench.py: error: {error}", file=sys.stderr)
         sys.exit(1)
-    return rows
 
 
 def provision(args, parser):

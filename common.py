@@ -430,17 +430,6 @@ def training_flops(module, input_shape, input_grad=False):
     return _counted[key]
 
 
-def split_flops(client_model, server_model, image_shape):
-    """Training FLOPs per sample of (client part, server part) for images of shape (C, H, W); a client part with a
-    `head` counts it too."""
-    activation_shape = output_shape(client_model, image_shape)
-    client, server = (training_flops(client_model, image_shape),
-                      training_flops(server_model, activation_shape, input_grad=True))
-    if hasattr(client_model, "head"):
-        client += training_flops(client_model.head, output_shape(server_model, activation_shape), input_grad=True)
-    return client, server
-
-
 def output_shape(module, input_shape):
     """Shape of one sample's output for inputs of shape `input_shape`, from a weightless (meta) copy."""
     key = ("shape", str(module), tuple(input_shape))

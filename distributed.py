@@ -447,3 +447,46 @@ def join(args, refuse, load_own_site):
             print(f"restart {transport.restart}: " + (f"every party goes on from its checkpoints in {args.save}"
                                                       if args.save else "no --save DIR, so every scheme starts again"))
     return transport, sites
+
+
+def add_flags(parser, positive):
+    """bench.py's flags of real processes; `positive(kind, ...)` parses a positive number."""
+    add = parser.add_argument_group("real processes", "every party its own process (docs/distributed.md)").add_argument
+    add("--distributed", action="store_true", help="every party its own process on torch.distributed: spawned here over "
+                                                   "loopback, or, started by torchrun, this process is one party")
+    add("--max-restarts", type=positive(int, or_zero=True), default=0, metavar="N",
+        help="--distributed spawned here: when a party fails, start every party again, up to N times, from their "
+             "checkpoints (needs --save DIR)")
+    add("--provision", metavar="DIR", help="write one kit per party of this federation into DIR (DIR/server, "
+                                           "DIR/client-0, ...); nothing is trained (needs the [secure] extra)")
+    add("--key", metavar="PATH", help="--distributed: every message authenticated and encrypted, and the store signed, "
+                                      "with the kits of --provision (their folder, or under torchrun this party's own "
+                                      "kit; default: gloo's plain TCP; needs the [secure] extra)")
+    add("--insecure", action="store_true", help="--distributed across machines without --key: run although the traffic "
+                                                "is neither authenticated nor encrypted, inside a network you trust")
+    add("--timeout", type=positive(float), metavar="SECONDS", help="--distributed: the longest a party waits for another "
+                                                                   "(default: one round of all the parties' work at 5 "
+                                                                   "GFLOP/s, plus a minute)")
+
+
+def refused(args):
+    """What the flags of real processes cannot go with, as (broken, why) for bench.py's checks, in one line each."""
+    try:
+        for flag, wanted in (("--provision", args.provision), ("--key", args.key)):
+            if wanted:
+                secure.require(flag)
+        no_extra = None
+    except ValueError as error:
+        no_extra = str(error)
+    return [(args.max_restarts and not (args.distributed and args.save),
+             "--max-restarts starts the parties of a --distributed run again from their checkpoints: it needs "
+             "--distributed and --save DIR"),
+            (args.distributed and (args.costs_only or args.profile),
+             "--distributed trains for real; it cannot go with --costs-only or --profile"),
+            (args.key and not args.distributed, "--key authenticates the parties of a --distributed run; add --distributed"),
+            (args.key and args.insecure, "--key protects the traffic, --insecure runs it unprotected: choose one"),
+            (args.provision and (args.distributed or args.key),
+             "--provision writes the kits and trains nothing; start the run with --distributed --key after"),
+            (args.distributed and args.partition != "site",
+             "--distributed: each client reads its own site; --partition iid/dirichlet pools them first"),
+            (no_extra, no_extra)]

@@ -44,7 +44,7 @@ def plain(client_model, server_model):
 
 def step(run, site, client_model, server_model, client_optimizer, server_optimizer, images, labels, flops):
     """One training step of client `site` across a U-shaped split; `flops` = (client, server) training FLOPs per sample
-    (`common.split_flops`, the head's counted with the client's)."""
+    (`splitlearn.split_flops`, the head's counted with the client's)."""
     with run.autocast():
         outputs = client_model(images)  # client: forward to the cut
     outputs = run.defended(site, images, outputs)

@@ -16,9 +16,9 @@ To reuse: copy this file with splitlearn.py, fedlearn.py and common.py.
 """
 from typing import NamedTuple
 
-from common import Run, split_flops
+from common import Run
 from fedlearn import average_models, fedavg
-from splitlearn import split_step, take_turns
+from splitlearn import split_flops, split_step, take_turns
 
 
 class Version(NamedTuple):

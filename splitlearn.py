@@ -9,7 +9,7 @@ To reuse: copy this file with common.py.
 """
 import torch
 
-from common import Run, bce, seeded, split_flops
+from common import Run, bce, output_shape, seeded, training_flops
 
 TURNS = ("client", "batch")
 
@@ -34,6 +34,17 @@ def split_step(run, site, client_model, server_model, client_optimizer, server_o
     client_optimizer.step()
     run.compute("client", flops[0] * len(labels))
     run.compute("server", flops[1] * len(labels))
+
+
+def split_flops(client_model, server_model, image_shape):
+    """Training FLOPs per sample of (client part, server part) for images of shape (C, H, W); a client part with a
+    `head` counts it too."""
+    activation_shape = output_shape(client_model, image_shape)
+    client, server = (training_flops(client_model, image_shape),
+                      training_flops(server_model, activation_shape, input_grad=True))
+    if hasattr(client_model, "head"):
+        client += training_flops(client_model.head, output_shape(server_model, activation_shape), input_grad=True)
+    return client, server
 
 
 def turn_order(run, round):

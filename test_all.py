@@ -120,7 +120,7 @@ def test_training_flops_split_adds_up_to_the_whole_model():
     for cut in ("conv0", "transition1", "norm5"):  # the first, the default and the last
         client_model, server_model = ds.split_densenet121(cut)
         whole = common.training_flops(nn.Sequential(client_model, server_model), (1, 64, 64))
-        assert sum(common.split_flops(client_model, server_model, (1, 64, 64))) == whole, cut
+        assert sum(splitlearn.split_flops(client_model, server_model, (1, 64, 64))) == whole, cut
 
 
 def test_densenet121_forward_at_224_is_5_67_gflop():

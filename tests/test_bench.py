@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import attacks
 import bench
 import data
-import densenet_split as ds
+import estimates
 import privacy
 import report
-from common import Observer, auroc
+from common import auroc
 from test_all import TINY
 
 
-class InFloat64(Observer):
+class InFloat64:
     """The privacy measures, handed each round's deployed models in float64."""
 
     def __init__(self, privacy_measures):
@@ -35,9 +36,9 @@ def kept_in_float64(monkeypatch, *names):
     model trained on a GPU meets with images on the CPU, and mended by the same line (`common.to_model`
     moves data to its model's device and dtype together). CI has no GPU; this is its guard."""
     for name in names:
-        def in_float64(*args, train=bench.SCHEMES[name], observers=(), **kwargs):
-            observers = [InFloat64(o) if isinstance(o, bench.Privacy) else o for o in observers]
-            result = train(*args, observers=observers, **kwargs)
+        def in_float64(*args, train=bench.SCHEMES[name], hooks=(), **kwargs):
+            hooks = [InFloat64(hook) if isinstance(hook, privacy.Measures) else hook for hook in hooks]
+            result = train(*args, hooks=hooks, **kwargs)
             result["models"] = [model.double() for model in result["models"]]
             return result
         monkeypatch.setitem(bench.SCHEMES, name, in_float64)
@@ -45,14 +46,14 @@ def kept_in_float64(monkeypatch, *names):
 
 def test_every_measurement_puts_the_images_where_the_model_is(tmp_path, monkeypatch, capsys):
     kept_in_float64(monkeypatch, "central", "sl-client", "sfv3")
-    monkeypatch.setattr(privacy, "CUTS", ("conv0", "transition2", "norm5"))  # the sweep at three cuts
+    monkeypatch.setattr(attacks, "CUTS", ("conv0", "transition2", "norm5"))  # the sweep at three cuts
     rows = bench.main(TINY + ["--schemes", "central,sl-client,sfv3", "--label-private", "--attack", "--attack-steps", "30",
                               "--cuts-sweep",
                               "--save", str(tmp_path)])
     assert not [row.get("error") or row["failed"] for row in rows if row.get("error") or row.get("failed")]
     assert "error" not in capsys.readouterr().err  # the cuts sweep too
     assert all({"dcor", "attack", "label_leak"} <= set(row["privacy"]) for row in rows[1:])
-    model = ds.load_site_model(tmp_path / "sfv3" / "site-0.pt")
+    model = report.load_site_model(tmp_path / "sfv3" / "site-0.pt")
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 1)
 
 
@@ -144,8 +145,8 @@ def test_the_time_estimate_comes_after_the_first_round_and_extrapolates_what_was
     assert lines[first - 1].startswith("central round 1/1") and "for the run" in lines[first]
     assert sum(line.startswith("expected: about") and "more" in line for line in lines) == 6  # after each but the last
     said, clock = [], iter([0.0, 12.0, 70.0, 70.0, 150.0])
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    estimate = bench.Estimate(7, 5, lambda line, **options: said.append(line))
+    monkeypatch.setattr(estimates.time, "perf_counter", lambda: next(clock))
+    estimate = estimates.Estimate(7, 5, lambda line, **options: said.append(line))
     estimate.job_started()
     estimate.round_ended()  # the first round took 12 s: 7 schemes x 5 rounds of it
     estimate.round_ended()  # (said once)
@@ -263,7 +264,7 @@ def test_a_saved_model_reloads_and_scores_as_in_the_run(tmp_path):
     assert info["cut"] == "transition1" and info["bn"] == "local" and json.loads((tmp_path / "results.json").read_text())
     _, test_sets = data.synthetic_sites(num_sites=2, image_size=32, site_sizes=[16, 12])
     for site, test_set in enumerate(test_sets):
-        model = ds.load_site_model(tmp_path / "sfv3" / f"site-{site}.pt")
+        model = report.load_site_model(tmp_path / "sfv3" / f"site-{site}.pt")
         with torch.no_grad():
             scores = model(test_set.images).squeeze(1)
         assert auroc(scores, test_set.labels) == rows[0]["site_auroc"][site]

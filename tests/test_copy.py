@@ -1,13 +1,13 @@
 """Each scheme file copies cleanly: exactly the files its docstring names, in an empty folder, train every scheme
 of that file for a round on a small model that is not DenseNet, with no other module of this package and no
 torchvision importable."""
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_layout import companions
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGE = sorted(path.stem for path in REPOSITORY.glob("*.py") if path.stem not in ("setup", "conftest")
@@ -61,13 +61,6 @@ loaded = [module.__file__ for name, module in sys.modules.items() if name in {pa
 assert all(os.path.realpath(path).startswith(here) for path in loaded), loaded
 print("imported:", sorted(os.path.basename(path) for path in loaded))
 '''
-
-
-def companions(scheme_file):
-    """The files the scheme file's docstring says to copy with it ("To reuse: copy this file with a.py and b.py.")."""
-    found = re.search(r"To reuse: copy this file with (.+?)\.\n", (REPOSITORY / scheme_file).read_text())
-    assert found, f"{scheme_file} does not say what to copy with it"
-    return re.split(r", | and ", found.group(1).replace(", and ", ", "))
 
 
 @pytest.mark.parametrize("scheme_file", SCHEMES)

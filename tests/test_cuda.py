@@ -12,8 +12,7 @@ import torch
 
 import bench
 import data
-import densenet_split as ds
-from common import Observer
+import report
 from test_all import FAST, SCHEMES, TINY, fresh_split
 
 
@@ -66,7 +65,7 @@ def test_on_cuda_every_scheme_counts_the_same_and_computes_like_cpu(scheme, whol
 def test_on_cuda_training_never_waits_for_the_gpu(scheme, three_sites):
     """Any synchronising call (.item(), a copy to the host, a blocking copy) inside a round raises; the
     warm-up before the first round and the statistics pass and scoring at the end of each may synchronise."""
-    class InsideRounds(Observer):
+    class InsideRounds:
         def round_started(self, run):
             torch.cuda.set_sync_debug_mode("error")
 
@@ -75,7 +74,7 @@ def test_on_cuda_training_never_waits_for_the_gpu(scheme, three_sites):
 
     client_model, server_model = (part.cuda() for part in fresh_split())
     try:
-        result = SCHEMES[scheme](client_model, server_model, *three_sites, observers=[InsideRounds()],
+        result = SCHEMES[scheme](client_model, server_model, *three_sites, hooks=[InsideRounds()],
                                  **dict(FAST, device="cuda", bf16=True))
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -94,7 +93,7 @@ def test_on_cuda_the_bench_measures_saves_and_plots_every_row(tmp_path, monkeypa
     for scheme in bench.SCHEMES:  # saved on the GPU, loaded as CPU tensors by a plain torch.load
         saved = torch.load(tmp_path / "runs" / scheme / "site-0.pt", weights_only=True)
         assert all(value.device.type == "cpu" for part in saved.values() for value in part.values()), scheme
-    model = ds.load_site_model(tmp_path / "runs" / "sfv3" / "site-1.pt")
+    model = report.load_site_model(tmp_path / "runs" / "sfv3" / "site-1.pt")
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 1)
     defended = bench.main(TINY + ["--device", "cuda", "--schemes", "sl-client,sfv3", "--label-private", "--bf16",
                                   "--attack", "--attack-steps", "30", "--defense", "nopeek:1", "--defense", "noise:0.3",

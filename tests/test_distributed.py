@@ -18,7 +18,10 @@ import torch
 import bench
 import densenet_split as ds
 import distributed
+import estimates
+import launch
 import report
+import wire
 
 
 DISTRIBUTED = ["--site-sizes", "16,12", "--image-size", "32", "--rounds", "1", "--batch-size", "8", "--threads", "1"]
@@ -206,8 +209,8 @@ def test_when_no_party_says_why_the_launcher_names_the_first_that_ended_and_how(
         def wait(self, timeout=None):
             return self.returncode
 
-    monkeypatch.setattr(distributed.subprocess, "Popen", Party)
-    assert distributed.launch([], 3, 1, str(tmp_path / "rows.json")) == 1
+    monkeypatch.setattr(launch.subprocess, "Popen", Party)
+    assert launch.launch(["bench.py"], 3, 1) == 1
     assert capsys.readouterr().err == "bench.py: error: client 1 (pid 4242) was killed by SIGKILL\n"
 
 
@@ -233,12 +236,12 @@ def test_the_launcher_stopped_by_sigterm_or_an_error_ends_every_party(monkeypatc
         def wait(self, timeout=None):
             return self.returncode
 
-    monkeypatch.setattr(distributed.subprocess, "Popen", Party)
+    monkeypatch.setattr(launch.subprocess, "Popen", Party)
     handler = signal.getsignal(signal.SIGTERM)
     for cause, expected in ((dict(sigterm=True, fail_at=None), SystemExit), (dict(sigterm=False, fail_at=2), OSError)):
         killed.clear()
         with pytest.raises(expected):
-            distributed.launch([], 3, 1, str(tmp_path / "rows.json"))
+            launch.launch(["bench.py"], 3, 1)
         assert sorted(killed) == ([0, 1, 2] if expected is SystemExit else [0, 1])  # every party started is ended
         assert signal.getsignal(signal.SIGTERM) is handler
 
@@ -246,7 +249,7 @@ def test_the_launcher_stopped_by_sigterm_or_an_error_ends_every_party(monkeypatc
 def parties_by_hand(argv, failing_rank=None, failure=""):
     """`bench.py argv --distributed` started party by party as torchrun would (RANK, WORLD_SIZE, MASTER_*), the
     party `failing_rank` first running the Python `failure` (a hook that fails); each in a group of its own."""
-    env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(distributed.free_port()),
+    env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch.free_port()),
                GLOO_SOCKET_IFNAME="lo")
     with contextlib.ExitStack() as stack:
         program = {failing_rank: ["-c", f"{failure}\nimport bench\nbench.main()"]}
@@ -338,8 +341,8 @@ def test_over_an_emulated_wan_the_deployment_estimate_holds_for_turns_and_for_pa
         assert done.returncode == 0, done.stderr[-2000:]
         rows[shaped] = json.loads((tmp_path / f"{shaped}.json").read_text())
     for unshaped, row in zip(rows[False], rows[True]):
-        modelled = (bench.deployment_seconds(row, 0.5, 1.0, 1.0, 0)  # what the network adds to the estimate
-                    - bench.deployment_seconds(row, math.inf, 1.0, 1.0, 0))
+        modelled = (estimates.deployment_seconds(row, row["parallel"], 0.5, 1.0, 1.0, 0)  # what the network adds
+                    - estimates.deployment_seconds(row, row["parallel"], math.inf, 1.0, 1.0, 0))
         measured = row["seconds"] - unshaped["seconds"]
         assert 0.75 * modelled < measured < 1.25 * modelled, (row["scheme"], measured, modelled)
 
@@ -370,8 +373,8 @@ def test_a_header_that_differs_from_the_schedule_is_refused_before_anything_is_a
     """The receiver compares what the sender declares (the header's length, each tensor's dtype, shape, strides
     and place) with what the schedule expects before it allocates the payload: a peer claiming 256 MB gets
     nothing allocated; a header that fits is received bit for bit."""
-    wire = distributed.Wire(rank=0, store=None, timeout=1, device=torch.device("cpu"))
-    float32 = distributed.DTYPES.index(torch.float32)
+    receiver = wire.Wire(rank=0, store=None, timeout=1, device=torch.device("cpu"))
+    float32 = wire.DTYPES.index(torch.float32)
 
     def received(header, payload=torch.zeros(24, dtype=torch.uint8)):
         messages, allocated = [torch.tensor([len(header)]), torch.tensor(header), payload], []
@@ -379,10 +382,10 @@ def test_a_header_that_differs_from_the_schedule_is_refused_before_anything_is_a
         def recv(buffer, peer):
             allocated.append(buffer.numel() * buffer.element_size())
             return buffer.copy_(messages.pop(0)[:buffer.numel()])
-        monkeypatch.setattr(wire, "_recv", recv)
+        monkeypatch.setattr(receiver, "_recv", recv)
         try:
-            return wire.receive(1, [torch.empty(2, 3)]), allocated
-        except distributed.PartyFailed as error:
+            return receiver.receive(1, [torch.empty(2, 3)]), allocated
+        except wire.PartyFailed as error:
             return str(error), allocated
     cases = [([1] * 99, "a header of 99 numbers, server expected 8", [8]),
              ([1, float32, 2, 8192, 8192, 8192, 1, 0], "(8192, 8192) where server expected torch.float32 (2, 3)", [8, 64]),
@@ -423,15 +426,15 @@ def test_what_arrives_not_finite_stops_the_run_naming_the_sender_except_an_uploa
     arriving = torch.tensor([1.0, math.nan])
 
     def recv(buffer, peer):  # each transfer: a length, a header, the payload of `arriving` (client 1 is rank 2)
-        header = [1, distributed.DTYPES.index(torch.float32), 1, 2, 1, 0]
+        header = [1, wire.DTYPES.index(torch.float32), 1, 2, 1, 0]
         message = {1: torch.tensor([len(header)]), 6: torch.tensor(header)}.get(buffer.numel(), arriving.view(torch.uint8))
         return buffer.copy_(message)
     monkeypatch.setattr(transport.wire, "_recv", recv)
     for link in ("client->server", None):
-        with pytest.raises(distributed.PartyFailed, match=re.escape(
+        with pytest.raises(wire.PartyFailed, match=re.escape(
                 f"client 1 failed (sent values that are not finite on {link or 'evaluation'}, refused by server)")):
             transport.transfer(1, "server", link, (torch.empty(2),))
     upload, = transport.transfer(1, "aggregator", "client->aggregator", ({"w": torch.empty(2)},))
-    assert upload["w"].isnan().any()  # for the averaging to name and leave out (`common.accepted`)
+    assert upload["w"].isnan().any()  # for the averaging to name and leave out (`robust.Screen`)
     arriving = torch.tensor([1.0, 2.0])
     assert torch.equal(transport.transfer(1, "server", "client->server", (torch.empty(2),))[0], arriving)

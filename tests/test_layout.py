@@ -1,12 +1,40 @@
 """The package's shape, as a reader meets it: a short README whose links all resolve, docs that stay inside the
-repository, each concern in a named place of bounded size, and nothing replaced on `Run` at run time."""
+repository, a core that a copier takes whole and that imports nothing of the lab, each concern in a named module of
+bounded size, and nothing replaced on `Run` at run time."""
 import ast
 import re
+import sys
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PAGES = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
 MODULES = [path for path in sorted(REPOSITORY.glob("*.py")) if path.name != "setup.py" and not path.name.startswith("test")]
+PACKAGE = {path.stem for path in MODULES}
+CORE = "common.py"  # the one module every scheme file imports
+SCHEME_FILES = {"fedlearn.py": 550, "splitlearn.py": 600, "splitfed.py": 750}  # at most, with their companions
+BESIDE_THE_CORE = ("densenet_split.py", "data.py")  # the model and the data: nothing of the package either
+
+
+def lines(name):
+    return len((REPOSITORY / name).read_text().splitlines())
+
+
+def imported(name):
+    """The top-level names of the modules a file imports."""
+    found = set()
+    for node in ast.walk(ast.parse((REPOSITORY / name).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def companions(scheme_file):
+    """The files a scheme file's docstring says to copy with it ("To reuse: copy this file with a.py and b.py.")."""
+    found = re.search(r"To reuse: copy this file with (.+?)\.\n", (REPOSITORY / scheme_file).read_text())
+    assert found, f"{scheme_file} does not say what to copy with it"
+    return re.split(r", | and ", found.group(1).replace(", and ", ", "))
 
 
 def anchors(page):
@@ -63,6 +91,32 @@ def test_the_course_has_at_least_six_lessons_each_with_what_to_read_a_command_an
         assert re.search(r"```\npython bench\.py [^\n]+\n```", lesson), lesson[:40]
 
 
+def test_a_copier_takes_a_scheme_file_with_its_named_companions_in_few_lines_and_the_core_in_fewer():
+    assert lines(CORE) <= 450, lines(CORE)
+    for scheme_file, limit in SCHEME_FILES.items():
+        files = [scheme_file, *companions(scheme_file)]
+        assert CORE in files and sum(map(lines, files)) <= limit, (files, sum(map(lines, files)))
+        # what it imports of the package is exactly what it names (with what those name in turn)
+        named = {Path(name).stem for name in files}
+        assert all(imported(name) & PACKAGE <= named for name in files), scheme_file
+
+
+def test_the_core_and_what_sits_beside_it_import_torch_numpy_and_the_standard_library_alone():
+    allowed = set(sys.stdlib_module_names) | {"torch", "numpy"}
+    assert imported(CORE) <= allowed, imported(CORE) - allowed
+    for name in BESIDE_THE_CORE:
+        assert not imported(name) & PACKAGE, (name, imported(name) & PACKAGE)
+    for scheme_file in SCHEME_FILES:  # and the scheme files import nothing of the lab
+        assert imported(scheme_file) & PACKAGE <= {Path(name).stem for name in SCHEME_FILES} | {CORE[:-3]}, scheme_file
+
+
+def test_every_module_is_one_concern_of_at_most_600_lines():
+    for module in MODULES:
+        assert lines(module.name) <= 600, (module.name, lines(module.name))
+        docstring = ast.get_docstring(ast.parse(module.read_text()))
+        assert docstring and len(docstring) > 80, f"{module.name} does not say what it is for"
+
+
 def test_no_function_over_60_lines_outside_the_argparse_builder_and_no_class_over_250():
     for module in MODULES:
         for node in ast.walk(ast.parse(module.read_text())):
@@ -72,7 +126,7 @@ def test_no_function_over_60_lines_outside_the_argparse_builder_and_no_class_ove
 
 
 def test_nothing_replaces_a_method_of_run_at_run_time():
-    """What watches a run subscribes as an `Observer`; no module or test patches `Run` itself."""
+    """What watches or changes a run is one of its hooks; no module or test patches `Run` itself."""
     patched = re.compile(r"setattr\(\s*(common\.)?Run\b|\bRun\.\w+\s*=[^=]")
     for path in [*REPOSITORY.glob("*.py"), *REPOSITORY.glob("tests/*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), 1):

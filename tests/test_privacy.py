@@ -1,4 +1,4 @@
-"""What the server can learn (privacy.py) and the defenses, on trained runs."""
+"""What each party can learn (attacks.py, privacy.py) and the defenses (defenses.py), on trained runs."""
 import json
 import statistics
 
@@ -9,14 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import attacks
 import bench
+import defenses
 import densenet_split as ds
 import fedlearn
+import labelprivate
 import privacy
 import report
 import splitfed
 import splitlearn
-from common import Observer, batch_bounds
+from common import batch_bounds, shuffled
+from defenses import Defense
 from test_all import FAST, TINY, fresh_split
 
 
@@ -24,25 +28,25 @@ def test_the_attacks_upsampling_is_bilinear_interpolation():
     torch.manual_seed(0)
     for features, size in ((torch.randn(2, 3, 6, 6), 48), (torch.randn(2, 3, 1, 1), 32), (torch.randn(1, 2, 7, 5), 64)):
         expected = F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)
-        assert torch.allclose(privacy.upsample(features, size), expected, atol=1e-6)
+        assert torch.allclose(attacks.upsample(features, size), expected, atol=1e-6)
 
 
 def test_leakage_shuffles_the_pairs_by_permuting_the_distance_matrix():
     torch.manual_seed(0)
     images, client_model = torch.rand(20, 1, 8, 8), nn.Conv2d(1, 2, 3)
-    found = privacy.leakage(client_model, images, batch_size=8, seed=3)
-    activations = privacy.sent_activations(client_model, images, 8)
+    found = attacks.leakage(client_model, images, batch_size=8, seed=3)
+    activations = attacks.sent_activations(client_model, images, 8)
     shuffled = torch.randperm(20, generator=torch.Generator().manual_seed(3))
-    assert found["dcor"] == pytest.approx(privacy.distance_correlation(images, activations), abs=1e-12)
-    assert found["dcor_shuffled"] == pytest.approx(privacy.distance_correlation(images, activations[shuffled]), abs=1e-12)
+    assert found["dcor"] == pytest.approx(attacks.distance_correlation(images, activations), abs=1e-12)
+    assert found["dcor_shuffled"] == pytest.approx(attacks.distance_correlation(images, activations[shuffled]), abs=1e-12)
 
 
 def test_distance_correlation_is_zero_for_independent_data_and_one_for_a_distance_preserving_map():
     torch.manual_seed(0)
     x, z = torch.randn(256, 2000), torch.randn(256, 3000)
-    assert abs(privacy.distance_correlation(x, z)) < 0.05
+    assert abs(attacks.distance_correlation(x, z)) < 0.05
     permuted = 3 * x[:, torch.randperm(2000)]  # a scaled permutation of the features keeps every distance's ratio
-    assert privacy.distance_correlation(x, permuted) == pytest.approx(1, abs=1e-9)
+    assert attacks.distance_correlation(x, permuted) == pytest.approx(1, abs=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +55,14 @@ def trained_split(three_site_results):
 
 
 def test_activations_carry_less_of_the_image_the_deeper_the_cut(trained_split, three_sites):
-    cuts = {row["cut"]: row["dcor"] for row in privacy.cuts_sweep(*trained_split, three_sites[0], 16, log=None)}
+    cuts = {row["cut"]: row["dcor"] for row in attacks.cuts_sweep(*trained_split, three_sites[0], 16, log=None)}
     assert cuts["conv0"] > cuts["transition1"] > cuts["transition2"] > cuts["norm5"]
 
 
 def test_reconstruction_attack_beats_its_floor_at_the_first_cut_and_reaches_it_at_the_last(trained_split, three_sites):
     model = ds.merge(*trained_split)
     train_sets = three_sites[0]
-    found = {cut: privacy.reconstruction_attack(ds.split_model(model, cut)[0], train_sets[1].images,
+    found = {cut: attacks.reconstruction_attack(ds.split_model(model, cut)[0], train_sets[1].images,
                                                 train_sets[0].images, 16, steps=150)
              for cut in ("conv0", "norm5")}
     assert found["conv0"]["ssim"] > found["conv0"]["ssim_floor"] + 0.05
@@ -69,12 +73,13 @@ def test_reconstruction_attack_beats_its_floor_at_the_first_cut_and_reaches_it_a
 
 def test_label_private_sends_no_labels_and_its_gradients_still_tell_them(three_sites):
     train_sets, _ = three_sites
-    result = splitfed.train(*ds.label_private(*fresh_split()), *three_sites, version=3, **FAST)
+    result = splitfed.train(*labelprivate.label_private(*fresh_split()), *three_sites, version=3,
+                            step=labelprivate.step, **FAST)
     num_images, activation = sum(len(s) for s in train_sets), int(np.prod(ds.activation_shape("transition1", 32)))
     features = 1024  # the pooled features the server sends, and their gradient that comes back
     for link in ("client->server", "server->client"):  # no label: activations and features, there and back
         assert result["bytes"][link] == FAST["rounds"] * num_images * (activation + features) * 4, link
-    leaks = [privacy.label_leak(model[0], model[1], s.images, s.labels, 16) for model, s in zip(result["models"], train_sets)]
+    leaks = [attacks.label_leak(model[0], model[1], s.images, s.labels, 16) for model, s in zip(result["models"], train_sets)]
     for leak in leaks:
         assert 0 <= leak["norm_auroc"] <= 1 and leak["cosine_auroc"] == 1.0  # one logit: the direction is the label
 
@@ -92,20 +97,20 @@ def test_bench_shows_what_the_server_can_learn(capsys):
 def test_nopeeks_counted_flops_are_the_arithmetic_of_its_matrices():
     images, activations = torch.rand(16, 1, 32, 32), torch.rand(16, 128, 4, 4, requires_grad=True)
     with FlopCounterMode(display=False) as counter:  # counts the matrix products, forward and backward
-        privacy.nopeek_penalty(images, activations).backward()
-    elementwise = privacy.NOPEEK_ELEMENTWISE * 16 * 16
-    assert privacy.nopeek_flops(16, 32 * 32, 128 * 4 * 4) == counter.get_total_flops() + elementwise
+        defenses.nopeek_penalty(images, activations).backward()
+    elementwise = defenses.NOPEEK_ELEMENTWISE * 16 * 16
+    assert defenses.nopeek_flops(16, 32 * 32, 128 * 4 * 4) == counter.get_total_flops() + elementwise
     # and the ledger counts it once per client batch, on the client
     plain, defended = (bench.main(TINY + ["--costs-only", "--schemes", "sl-client", "--rounds", "2"] + extra)[0]
                        for extra in ([], ["--defense", "nopeek:1"]))
     batches = [end - start for n in plain["num_examples"] for start, end in batch_bounds(n, 8)]
     activation = int(np.prod(ds.activation_shape("transition1", 32)))
     assert defended["flops"]["client"] - plain["flops"]["client"] == 2 * sum(
-        privacy.nopeek_flops(n, 32 * 32, activation) for n in batches)
+        defenses.nopeek_flops(n, 32 * 32, activation) for n in batches)
     assert defended["flops"]["server"] == plain["flops"]["server"] and defended["bytes"] == plain["bytes"]
 
 
-class Received(Observer):
+class Received:
     """Records what the server receives for activations, and, through a forward hook on the client part, what
     the client computed for them in training (not the warm-up's, the statistics pass's or the scoring's)."""
 
@@ -126,6 +131,7 @@ class Received(Observer):
     def sent(self, run, source, destination, link, objects):
         if link == "client->server":
             self.received.append(objects[0].clone())
+        return objects
 
 
 def test_the_server_receives_the_activations_plus_seeded_noise_of_the_stated_scale(three_sites):
@@ -134,8 +140,8 @@ def test_the_server_receives_the_activations_plus_seeded_noise_of_the_stated_sca
     for _ in range(2):
         client_model, server_model = fresh_split()
         recorder = Received(client_model)
-        runs.append(splitlearn.train(client_model, server_model, *three_sites, defense=privacy.Defense(noise=0.5),
-                                     observers=[recorder], **dict(FAST, rounds=1, batch_size=8)))
+        runs.append(splitlearn.train(client_model, server_model, *three_sites, hooks=[Defense(noise=0.5), recorder],
+                                     **dict(FAST, rounds=1, batch_size=8)))
         computed += recorder.computed
         received += recorder.received
     noise = [sent - activations for sent, activations in zip(received, computed)]
@@ -167,9 +173,9 @@ def test_nopeek_lowers_dcor_at_the_cut_as_alpha_grows(three_sites, three_site_re
     found = []
     for alpha in (0, 1, 10):  # alpha 0: the undefended run of the fixture, the same settings
         result = three_site_results["sl-client"] if alpha == 0 else splitlearn.train(
-            *fresh_split(), *three_sites, defense=privacy.Defense(nopeek=alpha), **dict(FAST, rounds=1))
+            *fresh_split(), *three_sites, hooks=[Defense(nopeek=alpha)], **dict(FAST, rounds=1))
         client_model = result["models"][0][0]
-        found.append(statistics.mean(privacy.leakage(client_model, s.images, 16)["dcor"] for s in train_sets))
+        found.append(statistics.mean(attacks.leakage(client_model, s.images, 16)["dcor"] for s in train_sets))
     assert found[0] > found[1] > found[2], found
 
 
@@ -182,8 +188,7 @@ def test_each_privacy_measure_is_reported_from_its_worst_round():
                                           label_leak=leak(None))),
                dict(round=3, privacy=dict(dcor=[0.8, 0.6], dcor_shuffled=[0.03, 0.0], attack=attack(0.7),
                                           label_leak=leak(0.95)))]
-    args = bench.parse_args(["--label-private"])[0]
-    found = bench.what_the_server_learns("sfv1", history, args)
+    found = privacy.what_the_server_learns(history, "activations", labels_leave=False)
     assert found["dcor"] == [0.8, 0.6] and found["dcor_shuffled"] == [0.03, 0.0]  # mean 0.7 beats 0.6 and 0.5
     assert found["attack"]["ssim"] == 0.8 and found["label_leak"][0]["cosine_auroc"] == 0.95
     assert found["worst_round"] == dict(dcor=3, attack=1, label_leak=3)
@@ -224,21 +229,21 @@ def test_a_dp_update_is_its_start_plus_the_update_clipped_plus_seeded_noise_of_s
     start = {"w": torch.randn(300), "b": torch.randn(20), "bn.num_batches_tracked": torch.tensor(7)}
     state = {"w": start["w"] + 3 * torch.randn(300), "b": start["b"] + torch.randn(20), "bn.num_batches_tracked": torch.tensor(9)}
     change = lambda uploaded: torch.cat([uploaded[key] - start[key] for key in ("w", "b")]).double()
-    clipped, flops = privacy.Defense(dp=0, clip=2.0).update(state, start, key=(0, 1, 2, 0))
-    assert change(clipped).norm() == pytest.approx(2.0, rel=1e-5) and flops == privacy.DP_FLOPS * 320
+    clipped, flops = Defense(dp=0, clip=2.0).update(state, start, key=(0, 1, 2, 0))
+    assert change(clipped).norm() == pytest.approx(2.0, rel=1e-5) and flops == defenses.DP_FLOPS * 320
     assert torch.allclose(change(clipped), change(state) * 2 / change(state).norm(), atol=1e-5)  # the same direction
     assert clipped["bn.num_batches_tracked"] == 9  # a count travels as it is
-    unclipped, _ = privacy.Defense(dp=0, clip=1e6).update(state, start, key=(0, 1, 2, 0))
+    unclipped, _ = Defense(dp=0, clip=1e6).update(state, start, key=(0, 1, 2, 0))
     assert all(torch.equal(unclipped[key], state[key]) for key in state)  # under the clip: the state itself
-    noisy, _ = privacy.Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 1, 2, 0))
+    noisy, _ = Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 1, 2, 0))
     noise = change(noisy) - change(clipped)
     assert noise.std() == pytest.approx(0.5 * 2.0, rel=0.15) and abs(noise.mean()) < 0.2
-    again, _ = privacy.Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 1, 2, 0))
-    other, _ = privacy.Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 2, 2, 0))
+    again, _ = Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 1, 2, 0))
+    other, _ = Defense(dp=0.5, clip=2.0).update(state, start, key=(0, 2, 2, 0))
     assert torch.equal(again["w"], noisy["w"]) and not torch.equal(other["w"], noisy["w"])  # seeded by the key
 
 
-class Uploads(Observer):
+class Uploads:
     """What the aggregator receives from each client, and what it sends back."""
 
     def __init__(self):
@@ -249,13 +254,14 @@ class Uploads(Observer):
             self.received.append((len(run.history), source, {k: v.clone() for k, v in objects[0].items()}))
         if link == "aggregator->client":
             self.sent_back.append((len(run.history), destination, {k: v.clone() for k, v in objects[0].items()}))
+        return objects
 
 
 def test_under_dp_the_aggregator_receives_updates_within_the_clip_and_epsilon_is_reported(three_sites):
     uploads = Uploads()
     start = dict(nn.Sequential(*fresh_split()).state_dict())
-    result = fedlearn.train(nn.Sequential(*fresh_split()), *three_sites, observers=[uploads],
-                            defense=privacy.Defense(dp=0, clip=5.0), **dict(FAST, rounds=2))
+    result = fedlearn.train(nn.Sequential(*fresh_split()), *three_sites, hooks=[Defense(dp=0, clip=5.0), uploads],
+                            **dict(FAST, rounds=2))
     for round, site, state in uploads.received:  # each round's start: the initial weights, then the average sent
         begun = start if round == 0 else next(s for r, d, s in uploads.sent_back if r == round - 1 and d == site)
         update = torch.sqrt(sum((state[k].double() - begun[k].double()).square().sum() for k in state
@@ -263,10 +269,10 @@ def test_under_dp_the_aggregator_receives_updates_within_the_clip_and_epsilon_is
         assert update <= 5.0 * (1 + 1e-6), (round, site, float(update))
     plain = fedlearn.train(nn.Sequential(*fresh_split()), *three_sites, **dict(FAST, rounds=2))
     numbers = sum(v.numel() for v in start.values() if v.is_floating_point())
-    assert result["flops"]["client"] - plain["flops"]["client"] == 2 * 3 * privacy.DP_FLOPS * numbers
+    assert result["flops"]["client"] - plain["flops"]["client"] == 2 * 3 * defenses.DP_FLOPS * numbers
     rows = bench.main(TINY + ["--schemes", "fedavg,sfv1", "--defense", "dp:1", "--clip", "3", "--delta", "1e-6"])
     assert [row["defense"] for row in rows] == ["dp:1+clip:3"] * 2
-    assert all(row["epsilon"] == privacy.epsilon(1.0, 1, 1e-6) and row["delta"] == 1e-6 for row in rows)
+    assert all(row["epsilon"] == defenses.epsilon(1.0, 1, 1e-6) and row["delta"] == 1e-6 for row in rows)
 
 
 def test_dp_zero_with_an_unbounded_clip_is_the_undefended_run_bit_for_bit(tmp_path):
@@ -287,7 +293,7 @@ def test_dp_zero_with_an_unbounded_clip_is_the_undefended_run_bit_for_bit(tmp_pa
 
 # What each party received (privacy.Recorder) and what it could learn from it, on one scale (privacy.measure)
 
-class Sent(Observer):
+class Sent:
     """Every tensor a client sent the server, as the run handed it over."""
 
     def __init__(self):
@@ -296,6 +302,7 @@ class Sent(Observer):
     def sent(self, run, source, destination, link, objects):
         if link == "client->server" and objects[0].dim() == 4:
             self.activations.append((len(run.history), source, objects[0].detach().clone()))
+        return objects
 
 
 class Forwards:
@@ -313,8 +320,9 @@ def trained_watching(three_sites, watched):
     client_model, server_model = fresh_split()
     forwards, sent, failed = Forwards(client_model), Sent(), {}
     recorder = privacy.Recorder(three_sites[0], 16, seed=0, keep=24)
-    observers = [sent] + ([recorder, bench.Privacy(recorder, bench.parse_args(TINY)[0], failed, print)] if watched else [])
-    result = splitlearn.train(client_model, server_model, *three_sites, turns="client", observers=observers,
+    measures = privacy.Measures(recorder, 0, lambda what, function: bench.attempt(what, function, failed, print))
+    hooks = [sent] + ([recorder, measures] if watched else [])
+    result = splitlearn.train(client_model, server_model, *three_sites, turns="client", hooks=hooks,
                               **dict(FAST, rounds=1))
     return forwards.images, result, sent, recorder, failed
 
@@ -328,7 +336,7 @@ def test_the_measures_use_the_activations_the_server_received_and_run_no_forward
         indices, kept = recorder.received(site)  # indices of the images behind it in the run's shuffled order
         assert len(indices) <= 24 and len(kept) == len(indices)
         batches = [tensor for _, source, tensor in sent.activations if source == site]
-        order = privacy.shuffled(0, site, 0, len(three_sites[0][site]))
+        order = shuffled(0, site, 0, len(three_sites[0][site]))
         bounds, start = batch_bounds(len(order), 16), 0
         for number, batch in enumerate(batches):
             if start < len(kept) and torch.equal(batch, kept[start:start + len(batch)]):
@@ -336,7 +344,7 @@ def test_the_measures_use_the_activations_the_server_received_and_run_no_forward
                 start += len(batch)
         assert start == len(kept) > 0, site
     found = result["history"][0]["privacy"]
-    expected = privacy.dependence(three_sites[0][0].images[recorder.received(0)[0]], recorder.received(0)[1], 0)
+    expected = attacks.dependence(three_sites[0][0].images[recorder.received(0)[0]], recorder.received(0)[1], 0)
     assert found["dcor"][0] == expected["dcor"]
 
 

@@ -18,14 +18,14 @@ import data
 import distributed
 import fedlearn
 from checkpoints import Checkpoint
-from common import Observer, Run
+from common import Run
 from test_all import TINY, fresh_split
 
 
-class Interrupt(Observer):
+class Interrupt:
     """Interrupts a run as a kill would (KeyboardInterrupt, as Ctrl-C leaves it): "mid-round": after the first
     optimizer step of its second round (torch's global hook); "boundary": at the end of its second round, its
-    checkpoint on the disk (an observer after the checkpoint's)."""
+    checkpoint on the disk (a hook after the checkpoint's)."""
 
     def __init__(self, kind):
         self.kind, self.hook = kind, None
@@ -60,9 +60,9 @@ def half_written(checkpoint, file, write=torch.save):
 
 
 def interrupting(name, kind):
-    """`bench.SCHEMES[name]` interrupted (`Interrupt`) after the observers the bench gives it."""
-    def interrupted(*args, train=bench.SCHEMES[name], observers=(), **kwargs):
-        return train(*args, observers=[*observers, Interrupt(kind)], **kwargs)
+    """`bench.SCHEMES[name]` interrupted (`Interrupt`) after the hooks the bench gives it."""
+    def interrupted(*args, train=bench.SCHEMES[name], hooks=(), **kwargs):
+        return train(*args, hooks=[*hooks, Interrupt(kind)], **kwargs)
     return interrupted
 
 
@@ -86,13 +86,13 @@ def test_every_loop_resumed_after_a_kill_mid_round_at_its_end_or_mid_write_equal
             with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
                 if kind == "mid-write":
                     patch.setattr(checkpoints.torch, "save", half_written)
-                scheme(*fresh_split(), train_sets, test_sets, observers=[Checkpoint(str(path)), Interrupt(kind)], **cfg)
+                scheme(*fresh_split(), train_sets, test_sets, hooks=[Checkpoint(str(path)), Interrupt(kind)], **cfg)
             checkpoints.writer.wait()  # as the process's end would
             done = len(checkpoints.load_checkpoint(str(path))["run"]["history"])
             assert done == (2 if kind == "boundary" else 1), (name, kind)
             if kind == "mid-write":  # torn, and the torn file removed: the checkpoint before it stands
                 assert TORN and not (tmp_path / f"{name}.pt.tmp").exists()
-        resumed = scheme(*fresh_split(), train_sets, test_sets, observers=[Checkpoint(str(path))], **cfg)
+        resumed = scheme(*fresh_split(), train_sets, test_sets, hooks=[Checkpoint(str(path))], **cfg)
         for key in ("bytes", "messages", "flops", "auroc", "loss"):
             assert resumed[key] == uninterrupted[key], (name, key)
         assert [{k: v for k, v in entry.items() if k != "seconds"} for entry in resumed["history"]] == \
@@ -114,13 +114,13 @@ def test_the_parties_go_on_from_the_last_round_every_one_of_them_has_a_checkpoin
     cfg = dict(batch_size=8, bn="averaged", log=None, device="cpu")
     path = str(tmp_path / "checkpoint-server.pt")
     one_round = fedlearn.centralized(nn.Sequential(*fresh_split()), train_sets, test_sets, rounds=1,
-                                     observers=[Checkpoint(path)], **cfg)
+                                     hooks=[Checkpoint(path)], **cfg)
     os.rename(path, checkpoints.previous(path))
-    fedlearn.centralized(nn.Sequential(*fresh_split()), train_sets, test_sets, rounds=2, observers=[Checkpoint(path)], **cfg)
+    fedlearn.centralized(nn.Sequential(*fresh_split()), train_sets, test_sets, rounds=2, hooks=[Checkpoint(path)], **cfg)
     monkeypatch.setattr(transport, "agree", lambda found, rounds: 1 if sorted(found) == [1, 2] else None)
     monkeypatch.setattr(transport, "load_state_dict", lambda state: None)
     model = nn.Sequential(*fresh_split())
-    run = Run("central", train_sets, test_sets, parallel=True, rounds=2, observers=[Checkpoint(path, transport)], **cfg)
+    run = Run("central", train_sets, test_sets, rounds=2, hooks=[Checkpoint(path, transport)], **cfg)
     run.place(model)
     assert list(run.rounds(model, run.optimizer(model))) == [1] and len(run.history) == 1
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state_of(one_round)))
@@ -194,7 +194,7 @@ def test_resume_refuses_other_settings_and_damaged_files_in_one_line_overwriting
         shutil.copytree(damaged, copy)
     at = whole.index(b"data/0") + 4096  # a weight's bytes changed, the sizes the same
     (changed / "sl-client" / "checkpoint.pt").write_bytes(whole[:at] + bytes([whole[at] ^ 1]) + whole[at + 1:])
-    checkpoints.save_checkpoint(dict(settings={}, state="weights", run={}, transport=None),
+    checkpoints.save_checkpoint(dict(settings={}, state="weights", run={}, hooks=[]),
                                 str(restructured / "sl-client" / "checkpoint.pt"))  # a digest of its own, but not a run's
     files = {path: path.read_bytes() for path in [*folder.rglob("*"), *damaged.rglob("*")] if path.is_file()}
     cases = [(RESUMABLE + ["--resume", str(folder), "--cut", "pool0"], "--cut differs"),

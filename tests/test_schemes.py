@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.optim.optimizer as optimizer_hooks
 
-import common
 import data
 import densenet_split as ds
 import splitfed
 import splitlearn
 from common import Run
+from profiler import WarmUp
+from standins import CostsOnly, adam_state, cost_only
 from test_all import FAST, SCHEMES, fresh_split
 
 
@@ -43,8 +44,9 @@ def test_bf16_autocast_sends_bf16_activations_and_still_learns(one_site):
 
 
 def test_set_up_is_not_in_the_wall_time_and_warm_up_changes_nothing(one_site, monkeypatch):
-    monkeypatch.setattr(common, "_warmed_up", set())  # this process has warmed nothing up yet: the first run does
-    quick = splitfed.train(*fresh_split(), *one_site, version=1, **dict(FAST, rounds=1))
+    parts = fresh_split()
+    WarmUp()(parts, one_site[0], FAST["batch_size"], "cpu")  # as the bench does before a run: copies take the steps
+    quick = splitfed.train(*parts, *one_site, version=1, **dict(FAST, rounds=1))
     hours, count = [0.0], splitfed.split_flops
     clock = time.perf_counter
     monkeypatch.setattr(time, "perf_counter", lambda: clock() + 3600 * hours[0])  # the run's clock, and a jump
@@ -62,11 +64,11 @@ def test_set_up_is_not_in_the_wall_time_and_warm_up_changes_nothing(one_site, mo
 def test_costs_only_does_no_optimizer_arithmetic_and_makes_no_gradients(three_sites):
     train_sets, test_sets = three_sites
     meta_sets = [[data.Site(s.images.to("meta"), s.labels, s.name) for s in sets] for sets in three_sites]
-    client_model, server_model = common.cost_only(*fresh_split(), train_sets[0].images.shape[1:])
+    client_model, server_model = cost_only(*fresh_split(), train_sets[0].images.shape[1:])
     optimizers = {}  # every optimizer that steps, through torch's global hook
     hook = optimizer_hooks.register_optimizer_step_pre_hook(lambda optimizer, *_: optimizers.update({id(optimizer): optimizer}))
     try:
-        result = splitlearn.train(client_model, server_model, *meta_sets, turns="batch", **dict(FAST, costs_only=True))
+        result = splitlearn.train(client_model, server_model, *meta_sets, turns="batch", **dict(FAST, hooks=[CostsOnly()]))
     finally:
         hook.remove()
     optimizers = list(optimizers.values())
@@ -78,9 +80,10 @@ def test_costs_only_does_no_optimizer_arithmetic_and_makes_no_gradients(three_si
 
 
 def test_adam_state_made_up_front_is_the_state_adam_makes_and_trains_the_same(one_site):
-    run = Run("adam", *one_site, parallel=True, **FAST)
+    run = Run("adam", *one_site, **FAST)
     eager_model, lazy_model = fresh_split()[0], fresh_split()[0]
     eager = run.optimizer(eager_model)
+    adam_state(eager)  # made up front, as the hooks that need it make it (a transport, a checkpoint, a cost-only run)
     lazy = torch.optim.Adam(lazy_model.parameters(), lr=run.lr, fused=True)
     for step in range(3):
         for model, optimizer in ((eager_model, eager), (lazy_model, lazy)):
@@ -96,7 +99,7 @@ def test_adam_state_made_up_front_is_the_state_adam_makes_and_trains_the_same(on
 
 def test_shuffled_turns_draw_a_seeded_order_per_round_and_parallel_clients_cannot_tell(three_sites):
     def turn_orders(seed, order="shuffled"):
-        run = Run("turns", *three_sites, parallel=False, order=order, seed=seed, costs_only=True)
+        run = Run("turns", *three_sites, order=order, seed=seed)
         return [splitlearn.turn_order(run, round) for round in range(8)]
 
     assert turn_orders(0, "fixed") == [[0, 1, 2]] * 8

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from datetime import timedelta
 
 import bench
-import distributed
+import launch
 import secure
 from test_distributed import DISTRIBUTED, process_group
 
@@ -146,7 +146,7 @@ SECURE = DISTRIBUTED + ["--schemes", "sfv1", "--timeout", "60"]
 def run_parties(folder, json_path, stranger=None, programs=None):
     """The three parties of a --key run started by hand (as torchrun would) on MASTER_PORT, and `stranger`
     (a function of the port) running beside them in a thread: (each party's stderr, exit statuses)."""
-    port = distributed.free_port()
+    port = launch.free_port()
     env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     programs = programs or {}
     parties = []
