@@ -26,6 +26,7 @@ import data
 import distributed
 import estimates
 import fedlearn
+import labelprivate
 import launch
 import privacy
 import report
@@ -37,8 +38,6 @@ from checkpoints import Checkpoint, one_line
 from common import BN_SETTINGS, ORDERS
 from defenses import Defense, epsilon
 from densenet_split import CUTS, split_densenet121
-from labelprivate import label_private
-from labelprivate import step as label_private_step
 from profiler import Profile, WarmUp
 from robust import Poison, Screen
 from standins import CostsOnly, cost_only
@@ -344,13 +343,13 @@ def set_determinism(deterministic):
     torch.backends.cudnn.benchmark = False
 
 
-def train_scheme(args, row, defense, sites, transport, warm_up, attempting, log):
+def train_scheme(args, row, defense, sites, transport, rank, warm_up, attempting, log):
     """One scheme trained from its seed's initial weights under the hooks the flags ask for, in the order the run calls
     them (`common.Run`): the transport first (the others see what arrived), the client's defense and any poison before
     the aggregator's checks, the privacy measures before the checkpoint (which saves them), the profile last. Returns
     (its result, its profile or None). `attempting(what, function)` runs each measurement; `log` takes each round's
     line of progress."""
-    scheme, rank, screen = row["scheme"], transport.rank if transport else 0, Screen(args.max_update_ratio)
+    scheme, screen = row["scheme"], Screen(args.max_update_ratio)
     hooks = ([transport] if transport else []) + ([defense] if defense and scheme in SPLIT_SCHEMES + UPLOADING else [])
     hooks += [Poison(*planted) for planted in args.poison] + [screen]
     if args.costs_only:
@@ -368,8 +367,8 @@ def train_scheme(args, row, defense, sites, transport, warm_up, attempting, log)
     client_model, server_model = split_densenet121(args.cut)
     image_shape, split = sites[0][0].images.shape[1:], {}
     if args.label_private and scheme in SPLIT_SCHEMES:
-        client_model, server_model = label_private(client_model, server_model)
-        split = dict(step=label_private_step)
+        client_model, server_model = labelprivate.label_private(client_model, server_model)
+        split = dict(step=labelprivate.step)
     if args.costs_only:
         client_model, server_model = cost_only(client_model, server_model, image_shape)
     if transport:
@@ -386,11 +385,10 @@ def train_scheme(args, row, defense, sites, transport, warm_up, attempting, log)
     return result, profile
 
 
-def run_job(args, seed, scheme, defense, sites, transport, finished, say, estimate, warm_up):
+def run_job(args, seed, scheme, defense, sites, transport, rank, finished, say, estimate, warm_up):
     """One row of the table: `scheme` trained from `seed`'s weights under `defense` (or kept, if a resumed run
     finished it), then measured and saved. Returns (row, its profile line or None, and for the cuts sweep site
     0's deployed model, if the scheme is one that sweeps)."""
-    rank = transport.rank if transport else 0
     row = job_row(args, seed, scheme, defense)
     failed, row_say = {}, lambda line, **options: say(f"{report.name(row)}: {line}", **options)
     sweeps = args.cuts_sweep and scheme in SPLIT_SCHEMES + ("central",)
@@ -400,7 +398,7 @@ def run_job(args, seed, scheme, defense, sites, transport, finished, say, estima
                 report.load_site_model(os.path.join(report.save_folder(row, args), "site-0.pt")) if sweeps else None)
     estimate.job_started()
     try:
-        result, profile = train_scheme(args, row, defense, sites, transport, warm_up,
+        result, profile = train_scheme(args, row, defense, sites, transport, rank, warm_up,
                                        lambda what, function: attempt(what, function, failed, row_say),
                                        lambda line: (say(line, flush=True), estimate.round_ended()))
     except PartyFailed as error:
@@ -453,11 +451,12 @@ def main(argv=None):
         if args.distributed:  # every party its own process, here; rank 0 prints the table
             return spawn(sys.argv[1:] if argv is None else argv, args, parser)
     transport, sites = join(args, parser)
-    say = print if not transport or transport.rank == 0 else silent
-    rows, profiles, sweep, failed = run_jobs(args, sites, transport, say, parser)
+    rank = transport.rank if transport else 0  # (the server's process prints; a simulation is all of it)
+    say = print if rank == 0 else silent
+    rows, profiles, sweep, failed = run_jobs(args, sites, transport, rank, say, parser)
     if transport:
         transport.close()
-        if transport.rank != 0:
+        if rank != 0:
             return rows
     report.print_tables(rows, args, transport is not None)
     if sweep:
@@ -478,10 +477,9 @@ def main(argv=None):
     return rows
 
 
-def run_jobs(args, sites, transport, say, parser):
+def run_jobs(args, sites, transport, rank, say, parser):
     """Every job of the run in turn (`run_job`), the files rewritten as each row ends: (rows, their profile lines,
     the model the cuts sweep takes, what failed outside the rows)."""
-    rank = transport.rank if transport else 0
     refuse = (lambda message: transport.fail(f"server: {message}")) if transport else parser.error
     finished = resume.kept_rows(args, [job_row(args, *job) for job in jobs(args)], refuse, say, transport)
     rows, profiles, sweep, failed = [], [], None, {}  # failed: what failed outside the rows, and why
@@ -494,7 +492,8 @@ def run_jobs(args, sites, transport, say, parser):
     estimate = estimates.Estimate(len(jobs(args)) - len(finished), args.rounds, say if not args.costs_only else silent)
     warm_up = WarmUp()
     for seed, scheme, defense in jobs(args):
-        row, profile, model = run_job(args, seed, scheme, defense, sites, transport, finished, say, estimate, warm_up)
+        row, profile, model = run_job(args, seed, scheme, defense, sites, transport, rank, finished, say, estimate,
+                                      warm_up)
         rows.append(row)
         profiles.append(profile)
         if sweep is None and model is not None:

@@ -80,8 +80,8 @@ class Run:
                 model.to(memory_format=torch.channels_last)
 
     def copies(self, model, parties):
-        """`model` for the first of `parties` and a copy of it for each other (a hook may give a stand-in instead, where
-        this process does not hold the party)."""
+        """`model` itself for the first of `parties`, a copy of it for each other (a hook may give a party this process
+        does not hold a stand-in instead)."""
         made = []
         for party in parties:
             stand_ins = [found for hook in self._hooks("stand_in") if (found := hook(party, model)) is not None]
@@ -178,10 +178,9 @@ class Run:
         for round_ended in self._hooks("round_ended"):
             round_ended(self, entry, self.deployed)
         if self.cfg["log"]:  # one line a round: "sfv1 round 2/5 loss 0.5223 auroc 0.830 elapsed 7.5s"
-            shown = {key: "-" if entry[key] is None else f"{entry[key]:.{digits}f}" for key, digits in (("loss", 4),
-                                                                                                         ("auroc", 3))}
-            self.cfg["log"](f"{self.scheme} round {entry['round']}/{self.num_rounds} loss {shown['loss']} auroc "
-                            f"{shown['auroc']} elapsed {entry['seconds']:.1f}s")
+            shown = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"
+            self.cfg["log"](f"{self.scheme} round {entry['round']}/{self.num_rounds} loss {shown(entry['loss'], 4)} "
+                            f"auroc {shown(entry['auroc'], 3)} elapsed {entry['seconds']:.1f}s")
 
     def result(self, client_sides=None, server_sides=None):
         """The run's numbers and each site's model, as the last round deployed it (deployed here from these sides only
@@ -309,7 +308,9 @@ def batchnorm_statistics(*models):
             hook.remove()
             layer.momentum = momentum
     with torch.no_grad():
-        for layer, batches in ((layer, batches) for layer, batches in seen.items() if batches):
+        for layer, batches in seen.items():
+            if not batches:
+                continue
             counts = torch.tensor([n for n, _, _ in batches], dtype=torch.float64, device=layer.running_mean.device)
             variances, means = (torch.stack([batch[i] for batch in batches]).double() for i in (1, 2))
             mean = counts @ means / counts.sum()
@@ -343,7 +344,10 @@ def to_model(tensor, model):
 
 
 def bce(logits, labels):
-    """The loss every scheme trains on: binary cross-entropy on one logit per image, in float32, mean over the batch."""
+    """The loss every scheme trains on: binary cross-entropy on one logit per image, in float32, mean over the batch.
+    Logits held elsewhere (meta) have no loss here, only a gradient of their shape for the loop to pass on."""
+    if logits.is_meta:
+        return logits.sum()
     return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), labels)
 
 

@@ -14,6 +14,8 @@ def fedavg(state_dicts, num_examples):
     """The average of `state_dicts` weighted by `num_examples`: weights and BatchNorm running statistics, summed in
     float64. Integer buffers (BatchNorm's `num_batches_tracked`) are averaged alike and rounded to a whole number:
     the count of batches the average model has, in effect, seen (it matters only to BatchNorm with momentum=None)."""
+    if next(iter(state_dicts[0].values())).is_meta:  # held elsewhere (a meta tensor): the shapes, nothing to compute
+        return dict(state_dicts[0])
     total, keys = sum(num_examples), list(state_dicts[0])
     mean = torch._foreach_mul([state_dicts[0][key].double() for key in keys], num_examples[0] / total)
     for n, state_dict in zip(num_examples[1:], state_dicts[1:]):  # (one call for all of a model's tensors)

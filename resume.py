@@ -91,10 +91,9 @@ def resumable(args, rows, refuse, say, rank=None):
 def kept_rows(args, rows, refuse, say, transport=None):
     """--resume: the rows the run finished before, by (scheme, seed, defense), which are not trained again
     (`resumable`); under a transport every party learns from rank 0 which they are."""
-    rank = transport.rank if transport else 0
-    finished = resumable(args, rows, refuse, say, rank if transport else None) if args.resume and rank == 0 else {}
-    if transport and args.resume:  # the rows rank 0 keeps from results.json: the other parties skip them too
-        keys = [(row["scheme"], row["seed"], row["defense"]) for row in rows]
-        kept = transport.share([float(key in finished) for key in keys])
-        finished = finished if rank == 0 else {key: row for key, row, flag in zip(keys, rows, kept) if flag}
-    return finished
+    if not args.resume or transport is None:
+        return resumable(args, rows, refuse, say) if args.resume else {}
+    finished = resumable(args, rows, refuse, say, rank=0) if transport.rank == 0 else {}
+    keys = [(row["scheme"], row["seed"], row["defense"]) for row in rows]  # the rows rank 0 keeps from results.json:
+    kept = transport.share([float(key in finished) for key in keys])      # the other parties skip them too
+    return finished if transport.rank == 0 else {key: row for key, row, flag in zip(keys, rows, kept) if flag}

@@ -54,12 +54,12 @@ def train(client_model, server_model, train_sets, test_sets, version=1, turns="c
         for site, images, labels in take_turns(run, train_sets, round, schedule):
             step(run, site, client_models[site], serving[site], client_optimizers[site],
                  server_optimizers[serves[site]], images, labels, flops)
-        if protocol.average_client_parts:  # the aggregator averages the client parts, over the network
-            average_models(run, client_models, num_examples)
         if protocol.average_server_parts:  # the server averages its own copies of the server part: nothing travels
-            average = fedavg([m.state_dict() for m in server_models], num_examples)
+            average = fedavg([m.state_dict() for m in server_models], num_examples)  # (while the clients finish)
             run.compute("aggregator", 2 * len(server_models) * sum(t.numel() for t in average.values()))
             for server_model in server_models:
                 server_model.load_state_dict(average)
+        if protocol.average_client_parts:  # the aggregator averages the client parts, over the network
+            average_models(run, client_models, num_examples)
         run.deploy_and_score(client_models, serving)  # each site: its client part, the server part serving it
     return run.result(client_models, serving)

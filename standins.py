@@ -54,6 +54,12 @@ class StandIn(nn.Module):
     def _apply(self, fn, recurse=True):
         return self if self.is_meta else super()._apply(fn, recurse)
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Nothing to load into a stand-in whose part is elsewhere (meta weights): the loop passes over it."""
+        if self.is_meta:
+            return nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict, assign)
+
     def _load_from_state_dict(self, state_dict, prefix, *args):
         """A state dict of meta tensors is the state of a copy that lives elsewhere: a real stand-in keeps its own (in a
         distributed run, the copy of another site's part in a client's process)."""

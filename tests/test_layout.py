@@ -117,6 +117,11 @@ def test_every_module_is_one_concern_of_at_most_600_lines():
         assert docstring and len(docstring) > 80, f"{module.name} does not say what it is for"
 
 
+def test_the_installed_package_holds_every_module():
+    listed = re.search(r"py_modules=\[(.*?)\]", (REPOSITORY / "setup.py").read_text(), flags=re.S).group(1)
+    assert set(re.findall(r'"(\w+)"', listed)) == PACKAGE
+
+
 def test_no_function_over_60_lines_outside_the_argparse_builder_and_no_class_over_250():
     for module in MODULES:
         for node in ast.walk(ast.parse(module.read_text())):
