@@ -131,28 +131,66 @@ def shrunk(images, size):
     return F.interpolate(images.float().cpu(), size=(size, size), mode="area")
 
 
-def compared(reconstructed, victim_images, attacker_images, size=None):
-    """SSIM and PSNR of reconstructions against the victim's images, and of the floor: the attacker's mean image
-    (of `attacker_images`) offered as every victim image; at `size` (default: theirs, at most 64 px)."""
+def assignment(gains):
+    """The one-to-one assignment of rows to columns (rows <= columns) that maximises the summed `gains` (a k x n
+    tensor): for each row, its column. The Hungarian method with potentials (Kuhn 1955, Munkres 1957), O(k^2 n)."""
+    cost = (-gains.double()).tolist()
+    rows, columns = len(cost), len(cost[0])
+    u, v, owner, way = [0.0] * (rows + 1), [0.0] * (columns + 1), [0] * (columns + 1), [0] * (columns + 1)
+    for row in range(1, rows + 1):  # add each row in turn, along a shortest augmenting path
+        owner[0], column = row, 0
+        slack, used = [float("inf")] * (columns + 1), [False] * (columns + 1)
+        while owner[column]:
+            used[column], current, delta, nearest = True, owner[column], float("inf"), 0
+            for j in range(1, columns + 1):
+                if not used[j]:
+                    reduced = cost[current - 1][j - 1] - u[current] - v[j]
+                    if reduced < slack[j]:
+                        slack[j], way[j] = reduced, column
+                    if slack[j] < delta:
+                        delta, nearest = slack[j], j
+            for j in range(columns + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    slack[j] -= delta
+            column = nearest
+        while column:
+            owner[column], column = owner[way[column]], way[column]
+    matched = [0] * rows
+    for column in range(1, columns + 1):
+        if owner[column]:
+            matched[owner[column] - 1] = column - 1
+    return matched
+
+
+def compared(reconstructed, victim_images, attacker_images, size=None, paired=True):
+    """How well an attacker did, on the scale every attacker shares. Its prior is the mean image of the images it
+    knows (`attacker_images`), offered as every victim image: the floor. Its output, per victim image, is the
+    better (by SSIM) of its reconstruction and that prior, since it can always offer the prior: no attack scores
+    below the floor. `paired`: reconstruction i is of victim image i (a decoder of activations the victim sent);
+    otherwise the attacker does not know whose image it drew (an inversion of an update), and each reconstruction
+    is assigned to a different victim image, the assignment that helps most (`assignment`), the rest keep the
+    prior. Images compared at `size` (default: theirs, at most 64 px). Returns the mean SSIM and PSNR over the
+    victim images and of the floor, the reconstructions' own mean SSIM (`ssim_reconstructed`, which may be below
+    the floor) and how many victim images they beat the prior on (`better`)."""
     size = size or min(victim_images.shape[-1], 64)
-    reconstructed, victim_images = shrunk(reconstructed, size), shrunk(victim_images, size)
-    floor = shrunk(attacker_images, size).mean(0, keepdim=True).expand_as(victim_images)
-    return dict(ssim=float(ssim(reconstructed, victim_images).mean()), psnr=float(psnr(reconstructed, victim_images).mean()),
-                ssim_floor=float(ssim(floor, victim_images).mean()), psnr_floor=float(psnr(floor, victim_images).mean()),
-                target_size=size)
-
-
-def best_matches(reconstructed, victim_images, attacker_images):
-    """`compared`, each reconstruction against the victim's image whose SSIM with it is highest, and the floor
-    (the attacker's mean image) against the victim's image it matches best."""
-    size = min(victim_images.shape[-1], 64)
     reconstructed, victims = shrunk(reconstructed, size), shrunk(victim_images, size)
-    prior = shrunk(attacker_images, size).mean(0, keepdim=True)
-    best = lambda image: int(max(range(len(victims)), key=lambda i: float(ssim(image[None], victims[i:i + 1]))))
-    matched = victims[[best(image) for image in reconstructed]]
-    return dict(ssim=float(ssim(reconstructed, matched).mean()), psnr=float(psnr(reconstructed, matched).mean()),
-                ssim_floor=float(ssim(prior, victims[best(prior[0]):best(prior[0]) + 1]).mean()), target_size=size,
-                num_images=len(reconstructed))
+    prior = shrunk(attacker_images, size).mean(0, keepdim=True).expand_as(victims)
+    prior_ssim, prior_psnr = ssim(prior, victims), psnr(prior, victims)
+    if paired:
+        drawn = torch.arange(len(reconstructed))
+    else:  # every reconstruction against every victim image: k x n
+        similarity = torch.stack([ssim(image[None].expand_as(victims), victims) for image in reconstructed])
+        drawn = torch.tensor(assignment((similarity - prior_ssim).clamp(min=0)))
+    own_ssim, own_psnr = ssim(reconstructed, victims[drawn]), psnr(reconstructed, victims[drawn])
+    best_ssim, best_psnr = prior_ssim.clone(), prior_psnr.clone()
+    better = own_ssim > prior_ssim[drawn]
+    best_ssim[drawn[better]], best_psnr[drawn[better]] = own_ssim[better], own_psnr[better]
+    return dict(ssim=float(best_ssim.mean()), psnr=float(best_psnr.mean()), ssim_floor=float(prior_ssim.mean()),
+                psnr_floor=float(prior_psnr.mean()), ssim_reconstructed=float(own_ssim.mean()), better=int(better.sum()),
+                num_images=len(victims), target_size=size)
 
 
 class Decoder(nn.Module):
@@ -255,21 +293,48 @@ def part_with(part, state):
     return copied.to(memory_format=torch.contiguous_format)  # one layout, whichever the part had: the same sums
 
 
-def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, restarts=1, lr=0.1, tv=1e-4, start=None):
+def simulated_update(model, weights, images, labels, training=None):
+    """What a client's weights change by (before minus after) when it trains `model`, holding `weights` (its
+    parameters, in order), on `images` with `labels` as `training` says: {"optimizer": "sgd" or "adam" (torch's
+    defaults, from a fresh state), "lr", "steps", "batch_size"}: the batches in order, cycled, in train mode. With
+    `training` None, the loss's gradient itself (DLG's setting). Differentiable in `images` (each step's gradient
+    is taken with create_graph), so that an attacker can fit images to an update."""
+    if training is None:
+        return torch.autograd.grad(bce(model(to_model(images, model)), labels), weights, create_graph=True)
+    names = [name for name, _ in model.named_parameters()]
+    current, first, second = list(weights), None, None
+    bounds = batch_bounds(len(images), training["batch_size"])
+    for step in range(1, training["steps"] + 1):
+        begin, end = bounds[(step - 1) % len(bounds)]
+        logits = torch.func.functional_call(model, dict(zip(names, current)), (to_model(images[begin:end], model),))
+        grads = torch.autograd.grad(bce(logits, labels[begin:end]), current, create_graph=True)
+        if training["optimizer"] == "sgd":
+            current = [weight - training["lr"] * grad for weight, grad in zip(current, grads)]
+            continue
+        first = [0.1 * grad if first is None else 0.9 * m + 0.1 * grad for m, grad in zip(first or grads, grads)]
+        second = [0.001 * grad * grad if second is None else 0.999 * v + 0.001 * grad * grad
+                  for v, grad in zip(second or grads, grads)]
+        # (Adam's step; the 1e-30 keeps the square root's derivative finite where a gradient is exactly 0)
+        current = [weight - training["lr"] * (m / (1 - 0.9 ** step)) / ((v / (1 - 0.999 ** step) + 1e-30).sqrt() + 1e-8)
+                   for weight, m, v in zip(current, first, second)]
+    return [weight - after for weight, after in zip(weights, current)]
+
+
+def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, restarts=1, lr=0.1, tv=1e-4, start=None,
+                    training=None):
     """Images in [0, 1], shape (N, *image_shape), whose gradient of the package's loss (BCE with logits on one
     logit, mean over the batch) with respect to `model.parameters()`, in that order, matches `gradients`: what
-    a party that holds the model and receives a gradient (or an update) can reconstruct of the images behind it.
+    a party that holds the model and receives a gradient can reconstruct of the images behind it; with
+    `training`, images whose `simulated_update` matches `gradients`, an update (breaching's multi-step user:
+    the attacker replays the client's local training on its candidate images).
 
-    Geiping et al. 2020 ("Inverting Gradients"): the distance is 1 - the cosine similarity of the two gradients,
-    all parameters at once (blind to the update's scale, which a learning rate or Adam's normalisation sets);
-    Adam (`lr`) on images parameterised by a sigmoid, so that they stay in [0, 1], its rate divided by ten at
-    3/8, 5/8 and 7/8 of `steps`; a total-variation prior of weight `tv`; `restarts` random starts (seeded by
-    `seed`; `start`: images to begin from instead, such as the attacker's prior, each a little apart), of which the
-    one whose gradient
-    matches best is kept. `labels` (N floats) are known to the
-    attacker (`label_leak` and the label counts say how far that holds). The model runs as it is (a client's
-    in train mode normalises by the batch, as its training did), on a copy: its weights and statistics are
-    untouched."""
+    Geiping et al. 2020 ("Inverting Gradients"): the distance is 1 - the cosine similarity of the two,
+    all parameters at once (blind to the update's scale); Adam (`lr`) on images parameterised by a sigmoid, so
+    that they stay in [0, 1], its rate divided by ten at 3/8, 5/8 and 7/8 of `steps`; a total-variation prior of
+    weight `tv`; `restarts` random starts (seeded by `seed`; `start`: images to begin from instead, such as the
+    attacker's prior, each a little apart), of which the one that matches best is kept. `labels` (N floats) are
+    given to the attacker. The model runs as it is (a client's in train mode normalises by the batch, as its
+    training did), on a copy: its weights and statistics are untouched."""
     model = copy.deepcopy(model)
     weights = list(model.parameters())
     target = [to_model(gradient, model) for gradient in gradients]
@@ -287,10 +352,9 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
 
         def distance():
             images = torch.sigmoid(logits)
-            loss = bce(model(to_model(images, model)), labels)
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            dot = sum((grad.double() * aim.double()).sum() for grad, aim in zip(grads, target))
-            norm = torch.sqrt(sum(grad.double().square().sum() for grad in grads))
+            simulated = simulated_update(model, weights, images, labels, training)
+            dot = sum((grad.double() * aim.double()).sum() for grad, aim in zip(simulated, target))
+            norm = torch.sqrt(sum(grad.double().square().sum() for grad in simulated))
             prior = (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., 1:] - images[..., :-1]).abs().mean()
             return 1 - dot / (norm * target_norm).clamp(min=1e-30), prior
         for _ in range(steps):
@@ -305,58 +369,73 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
     return best[1]
 
 
-def invert_update(model, start, uploaded, victim_images, attacker_images, steps=1000, seed=0, num_images=8):
-    """The aggregator's attack on FedAvg: the weights a client uploaded minus those it started the round from (one
-    local epoch of Adam) taken as the gradient's direction (`invert_gradient` matches directions, so the learning
-    rate does not matter), inverted for `num_images` images (the attacker does not know how many were behind the
-    update, nor their labels: half of each, the prior of a balanced site) with the model at the round's start in
-    train mode, as the client trained it, from the attacker's prior (its mean image). Each reconstruction is compared with the victim's image it resembles
-    most, and the floor (the attacker's mean image) likewise."""
+def local_steps(start, uploaded, default):
+    """How many steps a client took between two of its states: BatchNorm's `num_batches_tracked` counts them (the
+    aggregator receives it with the weights); `default` for a model without one."""
+    counted = [uploaded[name] - start[name] for name in start if name.endswith("num_batches_tracked")]
+    return int(counted[0]) if counted else default
+
+
+def invert_update(model, start, uploaded, victim_images, victim_labels, attacker_images, batch_size, lr,
+                  optimizer="adam", steps=1000, seed=0):
+    """The aggregator's attack on FedAvg's first update. It holds the weights it sent (`start`), those the client
+    uploaded, the client's number of images (FedAvg's weight: len(victim_images)), and the protocol: the
+    optimizer from a fresh state, its `lr`, the `batch_size`; the local steps it reads from the upload
+    (`local_steps`). It replays that local training on as many candidate images as the client had, in train mode
+    from `start` (`simulated_update`), and fits them to the update (`invert_gradient`, from its prior, the mean
+    of `attacker_images`), given the labels in the client's order (`victim_labels`: an upper bound on an attacker
+    that must infer them). It does not know which victim image each candidate is: `compared` assigns them one to
+    one."""
     model = part_with(model, start).train()
     start, uploaded = (dict(zip(model.state_dict(), state.values())) for state in (start, uploaded))  # by position
-    gradients = [start[name].double() - uploaded[name].double() for name, _ in model.named_parameters()]
-    labels = (torch.arange(num_images) % 2).float()
-    reconstructed = invert_gradient(model, gradients, labels, victim_images.shape[1:], steps, seed,
-                                    start=attacker_images.mean(0, keepdim=True))
-    return best_matches(reconstructed, victim_images, attacker_images)
+    update = [start[name].double() - uploaded[name].double() for name, _ in model.named_parameters()]
+    training = dict(optimizer=optimizer, lr=lr, batch_size=batch_size,
+                    steps=local_steps(start, uploaded, len(batch_bounds(len(victim_images), batch_size))))
+    reconstructed = invert_gradient(model, update, victim_labels.float(), victim_images.shape[1:], steps, seed,
+                                    start=attacker_images.mean(0, keepdim=True), training=training)
+    return dict(compared(reconstructed, victim_images, attacker_images, paired=False), local_steps=training["steps"],
+                optimizer=optimizer, steps=steps)
+
 
 CURVE = ((1, 1), (4, 1), (8, 1), (8, 2), (8, 8))  # (images, local steps) of the FedAvg inversion curve
 
 
 def inversion_curve(model, victim_images, victim_labels, attacker_images, lr=1e-3, steps=1000, seed=0,
-                    settings=CURVE, log=print):
-    """Where FedAvg starts to leak: for each (images, local steps) of `settings`, a client trains a copy of
-    `model` (train mode) with Adam (`lr`) for that many steps on its first that many images, all of them each
-    step, and the aggregator inverts its update (the weights before minus after, `invert_gradient` for `steps`
-    steps from the attacker's mean image, knowing the labels); each reconstruction against the victim's image
-    it matches best (`best_matches`). One image needs at least 64 px: in train mode DenseNet-121's last block
-    then still has 2 x 2 values a channel for BatchNorm (at 48 px one: that client cannot train, and its row
-    says so in "error")."""
+                    settings=CURVE, optimizers=("sgd", "adam"), log=print):
+    """Where FedAvg starts to leak: for each optimizer and (images, local steps) of `settings`, a client trains a
+    copy of `model` (train mode) for that many steps on its first that many images, all of them each step (FedSGD's
+    setting at one step with SGD, the literature's), and the aggregator inverts its update by replaying that
+    training (`invert_gradient` with `training`, `steps` steps from the attacker's mean image, knowing the
+    labels); scored by `compared`, the reconstructions assigned one to one. One image needs at least 64 px: in
+    train mode DenseNet-121's last block then still has 2 x 2 values a channel for BatchNorm (at 48 px one: that
+    client cannot train, and its row says so in "error")."""
     rows = []
-    for num_images, local_steps in settings:
-        images, labels = victim_images[:num_images], victim_labels[:num_images].float()
-        client = copy.deepcopy(model).train()
-        start = {name: weight.detach().clone() for name, weight in client.named_parameters()}
-        optimizer = torch.optim.Adam(client.parameters(), lr=lr)
-        try:
-            for _ in range(local_steps):
-                loss = bce(client(to_model(images, client)), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        except ValueError as error:  # BatchNorm in train mode with one value a channel: no client trains this way
-            rows.append(dict(images=num_images, local_steps=local_steps, error=str(error).split(",")[0]))
-            log and log(f"inversion: {num_images} images, {local_steps} local steps: {rows[-1]['error']}")
-            continue
-        update = [start[name].double() - weight.detach().double() for name, weight in client.named_parameters()]
-        begun = copy.deepcopy(model).train()  # the weights the aggregator sent: the update's starting point
-        reconstructed = invert_gradient(begun, update, labels, images.shape[1:], steps, seed,
-                                        start=attacker_images.mean(0, keepdim=True))
-        rows.append(dict(best_matches(reconstructed, images, attacker_images), images=num_images,
-                         local_steps=local_steps, steps=steps))
-        if log:
-            log(f"inversion: {num_images} images, {local_steps} local steps: SSIM {rows[-1]['ssim']:.3f} "
-                f"(floor {rows[-1]['ssim_floor']:.3f})")
+    for name in optimizers:
+        for num_images, steps_taken in settings:
+            images, labels = victim_images[:num_images], victim_labels[:num_images].float()
+            training = dict(optimizer=name, lr=lr, steps=steps_taken, batch_size=num_images)
+            setting = dict(optimizer=name, images=num_images, local_steps=steps_taken)
+            client = copy.deepcopy(model).train()
+            start = [weight.detach().clone() for weight in client.parameters()]
+            step = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(client.parameters(), lr=lr)
+            try:
+                for _ in range(steps_taken):
+                    loss = bce(client(to_model(images, client)), labels)
+                    step.zero_grad(set_to_none=True)
+                    loss.backward()
+                    step.step()
+            except ValueError as error:  # BatchNorm in train mode with one value a channel: no client trains this way
+                rows.append(dict(setting, error=str(error).split(",")[0]))
+                log and log(f"inversion: {name}, {num_images} images, {steps_taken} local steps: {rows[-1]['error']}")
+                continue
+            update = [before.double() - weight.detach().double() for before, weight in zip(start, client.parameters())]
+            begun = copy.deepcopy(model).train()  # the weights the aggregator sent: the update's starting point
+            reconstructed = invert_gradient(begun, update, labels, images.shape[1:], steps, seed,
+                                            start=attacker_images.mean(0, keepdim=True), training=training)
+            rows.append(dict(compared(reconstructed, images, attacker_images, paired=False), **setting, steps=steps))
+            if log:
+                log(f"inversion: {name}, {num_images} images, {steps_taken} local steps: SSIM {rows[-1]['ssim']:.3f} "
+                    f"(floor {rows[-1]['ssim_floor']:.3f})")
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Chest X-ray federations: a synthetic one generated from a seed (the default) and real X-ray folders.
+"""Chest X-ray federations: a synthetic one generated from a seed (the default), real X-ray folders, and MedMNIST's
+`.npz` files.
 
 Both return `(train_sets, test_sets)`: one `Site` per hospital, items `(image 1xHxW float tensor, label 0./1.)`,
 with every image decoded once and held in memory as one tensor, so no epoch and no scheme decodes again.
@@ -9,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ LESION_STRENGTH = (0.15, 0.5)  # opacity over the lung field: low end hard to se
 NUM_SITES = 3  # the synthetic federation's sites, and a pooled folder's, unless told
 SITE_SIZES = (340, 214, 128)  # train + test; 256, 160, 96 for training: whole batches of 32. Then 96 each.
 SHARED_SCANNER = dict(contrast=0.8, gamma=1.0, noise=0.045, blur=0.6)  # the middle of every site's range
+MEDMNIST_SPLITS = ("train", "val", "test")  # the arrays of a MedMNIST file: {split}_images, {split}_labels
 MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
 
 
@@ -296,9 +299,54 @@ def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir):
 
 
 def load_image(path, image_size, cache_dir=None):
-    """Decode and resize one X-ray to 1 x image_size x image_size, once per file, size and modification."""
+    """Decode and resize one X-ray to 1 x image_size x image_size, once per file, size and modification; `path` may
+    also be (a MedMNIST file, the image's row in it), as `folder_sites` lists them."""
+    if isinstance(path, tuple):
+        pixels = _medmnist(*_stamped(path[0]))[0][path[1]]
+        return F.interpolate(torch.from_numpy(_stretch(pixels.astype(np.float64)).astype(np.float32))[None, None],
+                             size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return _decode_cached(*_stamped(path), image_size, cache_dir and str(cache_dir))
+
+
+def _stamped(path):
+    """(path, modification time, size): a cache key that a rewritten file changes."""
     stat = os.stat(path)
-    return _decode_cached(str(path), stat.st_mtime_ns, stat.st_size, image_size, cache_dir and str(cache_dir))
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=None)
+def _medmnist(path, mtime_ns, file_size):
+    """A MedMNIST `.npz` file's images (N x H x W, any number type; colour made gray) and binary labels, its
+    splits (`MEDMNIST_SPLITS`) pooled in that order: the package draws its own train and test split per site."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    splits = [split for split in MEDMNIST_SPLITS if f"{split}_images" in found]
+    if not splits:
+        raise ValueError(f"{path} is not a MedMNIST file: it has no train_images, val_images or test_images "
+                         f"(it holds {', '.join(sorted(found)) or 'nothing'})")
+    images, labels = [], []
+    for split in splits:
+        pixels, label = found[f"{split}_images"], found.get(f"{split}_labels")
+        if label is None:
+            raise ValueError(f"{path}: {split}_images without {split}_labels")
+        if pixels.ndim == 4 and pixels.shape[-1] in (1, 3):  # MedMNIST's colour sets: N x H x W x 3
+            pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if pixels.ndim != 3 or not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
+            raise ValueError(f"{path}: {split}_images is {pixels.dtype} of shape {pixels.shape}, not N x H x W numbers")
+        label = label.reshape(len(label), -1) if label.ndim else label.reshape(1, 1)
+        if len(label) != len(pixels) or label.shape[1] != 1:
+            raise ValueError(f"{path}: {split}_labels has shape {found[f'{split}_labels'].shape} for {len(pixels)} images; "
+                             f"the package's task needs one binary label an image")
+        if not np.isin(label, (0, 1)).all():
+            values = np.unique(label)
+            raise ValueError(f"{path}: {split}_labels holds {', '.join(map(str, values[:6]))}{' ...' if len(values) > 6 else ''}, "
+                             f"not 0 and 1 (a multi-class MedMNIST task; the package's task is binary)")
+        images.append(_finite(pixels, f"{path} {split}_images"))
+        labels.append(label[:, 0].astype(int))
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def _class_label(name):
@@ -327,6 +375,22 @@ def _is_image(path):
 
 def _images_in(folder):
     return sorted(p for p in folder.rglob("*") if _is_image(p))
+
+
+def _scan_medmnist(path):
+    """{its name: [((path, row), label)]}: a MedMNIST file is one site, every split of it pooled."""
+    _, labels = _medmnist(*_stamped(path))
+    return {Path(path).stem: [((path, row), int(label)) for row, label in enumerate(labels)]}
+
+
+def _scan(root):
+    """{site: [(where the image is, label)]} from a folder, a CSV manifest or a MedMNIST file."""
+    if root.is_file():
+        return _scan_medmnist(root) if root.suffix.lower() == ".npz" else _scan_manifest(root)
+    files = sorted(path for path in root.glob("*.npz") if path.is_file())
+    if files and not any(_is_image(path) for path in root.iterdir()):  # a MedMNIST file per site
+        return {name: items for path in files for name, items in _scan_medmnist(path).items()}
+    return _scan_folder(root)
 
 
 def _scan_folder(root):
@@ -397,12 +461,13 @@ def site_sizes(root):
     root = Path(root)
     if not root.exists():
         raise ValueError(f"data folder {root} does not exist")
-    return {name: len(items) for name, items in (_scan_manifest(root) if root.is_file() else _scan_folder(root)).items()}
+    return {name: len(items) for name, items in _scan(root).items()}
 
 
 def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0, test_fraction=0.25,
                  alpha=0.5, cache_dir=None, only_site=None):
-    """Real X-rays as sites: a folder per site, one pooled folder split into sites, or a CSV manifest.
+    """Real X-rays as sites: a folder per site, one pooled folder split into sites, a CSV manifest, a MedMNIST `.npz`
+    file (one site, its splits pooled), or a folder of such files (one site each).
 
     partition: "site" keeps the sites as found; "iid" or "dirichlet" (label skew, `alpha`) pools every image
     and splits the pool into `num_sites` sites. Each site gets a seeded, stratified test split.
@@ -415,7 +480,7 @@ def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0,
         raise ValueError(f"data folder {root} does not exist")
     if partition not in ("site", "iid", "dirichlet"):
         raise ValueError(f"partition must be site, iid or dirichlet, not {partition!r}")
-    found = _scan_manifest(root) if root.is_file() else _scan_folder(root)
+    found = _scan(root)
     if partition == "site":
         if num_sites is not None and num_sites != len(found):
             raise ValueError(f"{root} holds {len(found)} sites ({', '.join(found)}), not {num_sites}; "

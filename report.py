@@ -172,7 +172,8 @@ def leak_table(rows):
             continue
         for line in row.get("leak", []):
             lines.append([name(row), line["attacker"], line["channel"], f"site {line['victim']}",
-                          f"{line['ssim']:.3f} ({line['ssim_floor']:.3f})" if line["ssim"] is not None else "-",
+                          f"{line['ssim']:.3f} ({line['ssim_floor']:.3f})" if line["ssim"] is not None
+                          else line.get("method") or "-",
                           number(line["gain"], 2), number(line.get("dcor"), 2), number(line.get("label_auroc"), 2),
                           str(line["round"])])
     return align(lines)
@@ -310,15 +311,16 @@ def place_labels(panel, labels, figure, size=7):
 
 
 def curve_table(rows):
-    """--inversion-curve: SSIM of the aggregator's reconstructions, the floor and the gain, per (images, local
-    steps); a client that cannot train, with its cause under the table."""
-    lines = [["images", "local steps", "SSIM", "floor", "gain"]]
+    """--inversion-curve: per client optimizer and (images, local steps), the aggregator's SSIM (the better of each
+    reconstruction and its prior, `attacks.compared`), its reconstructions' own, the floor and the gain; a client
+    that cannot train, with its cause under the table."""
+    lines = [["client", "images", "local steps", "SSIM", "drawn", "floor", "gain"]]
     for row in rows:
-        gain = "-" if "ssim" not in row else f"{(row['ssim'] - row['ssim_floor']) / (1 - row['ssim_floor']):+.2f}"
-        lines.append([str(row["images"]), str(row["local_steps"])]
-                     + ([f"{row['ssim']:.3f}", f"{row['ssim_floor']:.3f}", gain] if "ssim" in row else ["-", "-", "-"]))
-    return align(lines) + "".join(f"\n{row['images']} image(s): cannot train: {row['error']}" for row in rows
-                                  if "error" in row)
+        measured = [f"{row['ssim']:.3f}", f"{row['ssim_reconstructed']:.3f}", f"{row['ssim_floor']:.3f}",
+                    f"{(row['ssim'] - row['ssim_floor']) / (1 - row['ssim_floor']):.2f}"] if "ssim" in row else ["-"] * 4
+        lines.append([row["optimizer"], str(row["images"]), str(row["local_steps"])] + measured)
+    return align(lines) + "".join(f"\n{row['optimizer']}, {row['images']} image(s): cannot train: {row['error']}"
+                                  for row in rows if "error" in row)
 
 
 def cuts_table(cuts):

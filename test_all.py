@@ -553,6 +553,65 @@ def test_gradient_inversion_reconstructs_one_image_in_the_dlg_setting():
     assert all(torch.equal(value, before[key]) for key, value in net.state_dict().items())  # the model untouched
 
 
+def test_fedavg_inversion_recovers_the_dlg_image_from_an_sgd_update():
+    """The positive control of the aggregator's attack: the function the bench runs (`invert_update`), on an update
+    (one step of plain SGD on one image, FedSGD's setting) instead of a gradient, recovers the DLG image."""
+    torch.manual_seed(0)
+    net = dlg_lenet()
+    train_sets, _ = data.synthetic_sites(num_sites=2, image_size=32, site_sizes=[16, 16])
+    image, label = train_sets[0].images[:1], train_sets[0].labels[:1]
+    start = copy.deepcopy(net.state_dict())
+    client = copy.deepcopy(net)
+    step = torch.optim.SGD(client.parameters(), lr=0.1)
+    F.binary_cross_entropy_with_logits(client(image).squeeze(1), label).backward()
+    step.step()
+    found = attacks.invert_update(net, start, client.state_dict(), image, label, train_sets[1].images, batch_size=32,
+                                  lr=0.1, optimizer="sgd", steps=2000)
+    assert found["local_steps"] == 1 and found["num_images"] == 1
+    assert found["ssim_reconstructed"] >= 0.9 and found["ssim"] == found["ssim_reconstructed"] > found["ssim_floor"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_attackers_replay_of_local_training_is_torchs_optimizer(optimizer):
+    """`simulated_update`, which the aggregator fits images through, equals the client's own training by torch's
+    SGD or Adam: three steps over two batches (cycled), BatchNorm in train mode."""
+    torch.manual_seed(0)
+    # (no bias before BatchNorm, as in DenseNet: its gradient is rounding noise, which Adam scales up to a step)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 1))
+    images, labels = torch.rand(10, 1, 8, 8), (torch.arange(10) % 2).float()
+    client = copy.deepcopy(model)
+    step = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(client.parameters(), lr=0.01)
+    for begin, end in [(0, 6), (6, 10), (0, 6)]:
+        step.zero_grad()
+        F.binary_cross_entropy_with_logits(client(images[begin:end]).squeeze(1), labels[begin:end]).backward()
+        step.step()
+    training = dict(optimizer=optimizer, lr=0.01, steps=3, batch_size=6)
+    replayed = attacks.simulated_update(model, list(model.parameters()), images, labels, training)
+    for before, after, change in zip(model.parameters(), client.parameters(), replayed):
+        assert torch.allclose(change, before - after, atol=1e-7, rtol=1e-4)
+
+
+def test_the_attackers_scale_never_goes_below_the_prior_and_assigns_one_to_one():
+    optimize = pytest.importorskip("scipy.optimize")  # (scikit-learn's dependency)
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in ((1, 1), (3, 7), (8, 8), (12, 40)):
+        gains = torch.rand(rows, columns, generator=generator)
+        best = optimize.linear_sum_assignment(gains.numpy(), maximize=True)[1]
+        matched = attacks.assignment(gains)
+        assert len(set(matched)) == rows and float(gains[range(rows), matched].sum()) == pytest.approx(float(gains[range(rows), best].sum()))
+    victims, known = (data.synthetic_sites(num_sites=2, image_size=32, site_sizes=[24, 24])[0][site].images for site in (0, 1))
+    noise = attacks.compared(torch.rand(len(victims), 1, 32, 32, generator=generator), victims, known)
+    assert noise["ssim"] >= noise["ssim_floor"] > noise["ssim_reconstructed"]  # the attacker keeps its prior
+    perfect = attacks.compared(victims, victims, known)
+    assert perfect["ssim"] == pytest.approx(1) and perfect["better"] == len(victims)
+    # three exact copies, shuffled, of unknown victims: each finds its own image, the others keep the prior
+    some = attacks.compared(victims[[5, 0, 17]], victims, known, paired=False)
+    prior = attacks.ssim(known.mean(0, keepdim=True).expand_as(victims), victims)
+    expected = (3 + float(prior.sum() - prior[[0, 5, 17]].sum())) / len(victims)
+    assert some["better"] == 3 and some["ssim"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_epsilon_of_client_level_dp_is_opacus_rdp_accountants():
     """The Gaussian mechanism at sample rate 1, composed over the rounds, as Opacus's RDP accountant computes it."""
     accountants = pytest.importorskip("opacus.accountants")

@@ -83,6 +83,23 @@ def test_a_failing_measurement_keeps_its_row_and_names_itself(tmp_path, monkeypa
     assert len([line for line in err.splitlines() if line.startswith("bench.py: error:")]) == 3
 
 
+def test_a_failure_anywhere_in_the_privacy_measures_keeps_every_row(tmp_path, monkeypatch, capsys):
+    """Not only a wrapped step: an error in `privacy.measure` itself (here in making a leak line) is named in each row,
+    whose training numbers stay, and the run exits 1. One site (no attacker's images) is no error at all."""
+    def broken(*args, **kwargs):
+        raise KeyError("ssim_floor")
+    rows = bench.main([*TINY, "--site-sizes", "16", "--schemes", "central,sl-client"])
+    assert all(not row.get("failed") and row["auroc"] is not None for row in rows)
+    monkeypatch.setattr(privacy, "entry", broken)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--schemes", "central,fedavg", "--json", str(tmp_path / "rows.json")])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 1
+    for row in json.loads((tmp_path / "rows.json").read_text()):
+        assert 0 <= row["auroc"] <= 1 and sum(row["bytes"].values()) > 0 and row["failed"] == {"privacy": "KeyError: 'ssim_floor'"}
+    assert "bench.py: error: fedavg (seed 0): privacy failed: KeyError: 'ssim_floor'" in capsys.readouterr().err
+
+
 def test_deterministic_flag_on_the_cpu_changes_nothing(tmp_path):
     for flag in (["--deterministic"], []):
         bench.main(TINY + ["--schemes", "sl-batch", "--save", str(tmp_path / str(len(flag)))] + flag)

@@ -1,5 +1,6 @@
 """The data: the synthetic federation, X-ray folders and manifests, DICOM (the [dicom] extra)."""
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,75 @@ def test_nan_or_infinite_pixels_are_one_line_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=r"1 pixel\(s\) are NaN or infinite") as error:
             data.load_image(path, 32)
         assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+SHARED_XRAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist-dev.npz"
+
+
+def medmnist_file(path, sizes=(12, 4, 6), side=28, seed=0):
+    """A file laid out as MedMNIST writes one: {split}_images N x side x side uint8, {split}_labels N x 1."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, size in zip(data.MEDMNIST_SPLITS, sizes):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (size, side, side), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(size) % 2).astype(np.uint8)[:, None]
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_a_medmnist_file_reads_as_its_images_saved_as_png(tmp_path):
+    arrays = medmnist_file(tmp_path / "pneumonia.npz")
+    pooled = np.concatenate([arrays[f"{split}_images"] for split in data.MEDMNIST_SPLITS])
+    labels = np.concatenate([arrays[f"{split}_labels"][:, 0] for split in data.MEDMNIST_SPLITS])
+    for row, (pixels, label) in enumerate(zip(pooled, labels)):  # the reference: the same images as PNG files
+        save_png(tmp_path / "png" / str(label) / f"{row:03d}.png", pixels)
+    from_npz, _ = data.folder_sites(tmp_path / "pneumonia.npz", image_size=32, seed=5)
+    from_png, _ = data.folder_sites(tmp_path / "png", image_size=32, seed=5)
+    assert [s.name for s in from_npz] == ["pneumonia"] and data.site_sizes(tmp_path / "pneumonia.npz") == {"pneumonia": 22}
+    # the png folder lists label 0's images first, the file its rows in order: compare image by image
+    for row in range(len(pooled)):
+        assert torch.equal(data.load_image((tmp_path / "pneumonia.npz", row), 32),
+                           data.load_image(tmp_path / "png" / str(labels[row]) / f"{row:03d}.png", 32))
+    assert sorted(map(tuple, from_npz[0].images.flatten(1).tolist())) == sorted(map(tuple, from_png[0].images.flatten(1).tolist()))
+    assert from_npz[0].labels.sum() == from_png[0].labels.sum()
+
+
+def test_medmnist_files_as_sites_and_one_file_split_into_sites(tmp_path):
+    (tmp_path / "sites").mkdir()
+    for name, seed in (("north", 1), ("south", 2)):
+        medmnist_file(tmp_path / "sites" / f"{name}.npz", seed=seed)
+    train_sets, test_sets = data.folder_sites(tmp_path / "sites", image_size=32)
+    assert [s.name for s in train_sets] == ["north", "south"] and all(len(a) + len(b) == 22 for a, b in zip(train_sets, test_sets))
+    medmnist_file(tmp_path / "one.npz", sizes=(40, 8, 12))
+    train_sets, test_sets = data.folder_sites(tmp_path / "one.npz", image_size=32, num_sites=3, partition="iid")
+    assert len(train_sets) == 3 and sum(len(s) for s in train_sets + test_sets) == 60
+    with pytest.raises(ValueError, match="holds 1 sites .*not 3; use partition iid"):
+        data.folder_sites(tmp_path / "one.npz", image_size=32, num_sites=3)
+
+
+def test_a_file_that_is_not_binary_medmnist_is_one_line_naming_it(tmp_path):
+    cases = {"other.npz": dict(x=np.zeros(3)), "multiclass.npz": dict(train_images=np.zeros((4, 28, 28), np.uint8),
+                                                                        train_labels=np.array([[0], [1], [2], [3]])),
+             "multilabel.npz": dict(train_images=np.zeros((2, 28, 28), np.uint8), train_labels=np.zeros((2, 14), np.uint8)),
+             "unlabelled.npz": dict(train_images=np.zeros((2, 28, 28), np.uint8)),
+             "objects.npz": dict(train_images=np.array([None, 1], dtype=object), train_labels=np.zeros((2, 1)))}
+    messages = {"other.npz": "not a MedMNIST file", "multiclass.npz": "not 0 and 1", "multilabel.npz": "one binary label",
+                "unlabelled.npz": "without train_labels", "objects.npz": "cannot read"}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=messages[name]) as raised:
+            data.folder_sites(tmp_path / name, image_size=32)
+        assert name in str(raised.value) and "\n" not in str(raised.value)
+    (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
+    with pytest.raises(ValueError, match="cannot read .*broken.npz"):
+        data.site_sizes(tmp_path / "broken.npz")
+
+
+@pytest.mark.skipif(not SHARED_XRAYS.exists(), reason="the real X-rays (../shared/data) are not beside the project")
+def test_the_real_xray_file_reads_as_its_readme_says():
+    sizes = data.site_sizes(SHARED_XRAYS)
+    assert sizes == {"pneumoniamnist-dev": 5206}
+    train_sets, test_sets = data.folder_sites(SHARED_XRAYS, image_size=32, num_sites=3, partition="iid")
+    labels = torch.cat([s.labels for s in train_sets + test_sets])
+    assert len(labels) == 5206 and int(labels.sum()) == 3858  # 1,348 normal, 3,858 pneumonia
+    assert all(0 <= s.images.min() and s.images.max() <= 1 and s.images.shape[1:] == (1, 32, 32) for s in train_sets)

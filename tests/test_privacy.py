@@ -376,6 +376,12 @@ def test_every_scheme_names_each_attacker_on_one_scale(attacked, capsys):
             assert lines["server+aggregator", "activations"]["ssim"] >= server["ssim"]
         assert attacked[scheme]["leak_worst"] == max((line for line in attacked[scheme]["leak"] if line["gain"] is not None),
                                                      key=lambda line: line["gain"])
+    # one scale: every attacker's floor is the same prior against the same victim images, and no leak is below it
+    measured = [line for row in attacked.values() for line in row["leak"] if line["ssim"] is not None]
+    assert max(line["ssim_floor"] for line in measured) == pytest.approx(min(line["ssim_floor"] for line in measured))
+    assert all(line["gain"] >= 0 and line["ssim"] >= line["ssim_floor"] for line in measured)
+    assert lines_of(attacked["sl-client"])["client 1", "weights"]["method"] == "not attacked"
+    assert lines_of(attacked["sl-client"])["client 1", "weights"]["ssim"] is None
     table = report.results_table(list(attacked.values()))
     assert "server 1.00 (" in table and "aggregator " in table
     assert "server+aggregator" in report.leak_table(list(attacked.values()))
