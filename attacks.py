@@ -245,12 +245,13 @@ def reconstruction_attack(client_model, attacker_images, victim_images, batch_si
     return decode(known, attacker_images, victim, victim_images, steps, target_size, seed)
 
 
-def decode(known, attacker_images, victim, victim_images, steps=1000, target_size=None, seed=0):
+def decode(known, attacker_images, victim, victim_images, steps=1000, target_size=None, seed=0, held_out=0.2):
     """He, Zhang and Lee's black-box attack on activations as the attacker received them: `Decoder` trained with
     Adam for `steps` steps on the pairs it knows (`known` activations of `attacker_images`), then applied to the
-    victim's activations (`victim`) and compared with `victim_images` at `target_size` (default: their own
-    size; larger than 64 px, 64 x 64). Returns SSIM and PSNR of the reconstructions, and of the floor: the
-    attacker's mean image offered as every victim image."""
+    victim's activations (`victim`) and compared with `victim_images` (`compared`) at `target_size` (default:
+    their own size; larger than 64 px, 64 x 64). Early stopping: a seeded `held_out` share of the pairs (from 10
+    pairs on) is kept out of training, and the decoder is kept as it was when its error on them was lowest,
+    checked 20 times; `held_out` 0 trains on every pair to the end (an oracle given the victim's own pairs)."""
     size = target_size or min(attacker_images.shape[-1], 64)
     known, victim = known.float(), victim.float()
     known_images, victim_images = (shrunk(images, size).to(known.device) for images in (attacker_images, victim_images))
@@ -260,25 +261,74 @@ def decode(known, attacker_images, victim, victim_images, steps=1000, target_siz
         torch.manual_seed(seed)
         decoder = Decoder(known.shape[1], size, mean_image.cpu()).to(known.device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
-    for _ in range(steps):
-        batch = torch.randint(len(known), (min(32, len(known)),), generator=generator)
+    order = torch.randperm(len(known), generator=generator)
+    checked = order[:int(len(known) * held_out)] if len(known) >= 10 else order[:0]
+    trained, best, kept_at, kept = order[len(checked):], float("inf"), steps, None
+    for step in range(1, steps + 1):
+        batch = trained[torch.randint(len(trained), (min(32, len(trained)),), generator=generator)]
         loss = F.mse_loss(decoder(known[batch]), known_images[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if len(checked) and (step % max(steps // 20, 1) == 0 or step == steps):
+            with torch.no_grad():
+                error = float(F.mse_loss(decoder.eval()(known[checked]), known_images[checked]))
+            decoder.train()
+            if error < best:
+                best, kept_at, kept = error, step, copy.deepcopy(decoder.state_dict())
+    if kept is not None:
+        decoder.load_state_dict(kept)
     with torch.no_grad():
         reconstructed = decoder.eval()(victim)
-    return dict(compared(reconstructed, victim_images, known_images, size), steps=steps)
+    return dict(compared(reconstructed, victim_images, known_images, size), steps=steps, kept_at=kept_at)
 
 
-def whitebox_attack(client_model, activations, victim_images, attacker_images, batch_size, steps=1000, seed=0):
-    """A server that holds the victim's client part as well (an aggregator in the same process) inverts the
-    activations it received through the victim's own weights: `decode`, its decoder trained on the attacker's
-    images passed through `client_model` (the weights the victim uploaded, as training runs them: train mode,
-    its batch size), where the server alone trains through another client's copy. (An inversion by optimising
-    images to match the activations, He et al.'s rMLE, fell below the prior in a trial: docs/privacy.md.)"""
-    known = sent_activations(client_model, attacker_images, batch_size, key=(seed, 2))
-    return decode(known, attacker_images, activations, victim_images, steps, seed=seed)
+def total_variation(images):
+    """The mean absolute difference of neighbouring pixels, down and across: the smoothness prior of inversions."""
+    return (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., 1:] - images[..., :-1]).abs().mean()
+
+
+def invert_activations(client_model, activations, attacker_images, batch_sizes, steps=1000, seed=0, lr=0.05, tv=0.01):
+    """He, Zhang and Lee's white-box rMLE: images in [0, 1] whose activations through `client_model` (a copy, in
+    train mode, in the victim's batches of `batch_sizes` images, as it ran them) match the `activations` received
+    (squared error relative to theirs), with a total-variation prior of weight `tv`: Adam (`lr`) on images
+    parameterised by a sigmoid, from the attacker's prior (its mean image, a little noise apart), the rate divided
+    by ten at 3/8, 5/8 and 7/8 of `steps`."""
+    model = copy.deepcopy(client_model).train().requires_grad_(False)
+    target = activations.float()
+    prior = attacker_images.float().mean(0, keepdim=True).to(target.device)
+    noise = torch.randn(len(target), *prior.shape[1:], generator=torch.Generator().manual_seed(seed)).to(target.device)
+    logits = (torch.logit(prior, eps=1e-3) + 0.1 * noise).requires_grad_()
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps * 3 // 8, steps * 5 // 8, steps * 7 // 8], 0.1)
+    ends = torch.tensor(batch_sizes).cumsum(0).tolist()
+    for _ in range(steps):
+        images = torch.sigmoid(logits)
+        sent = torch.cat([model(to_model(images[end - size:end], model)) for size, end in zip(batch_sizes, ends)])
+        loss = (sent.float() - target).square().sum() / target.square().sum().clamp(min=1e-30) + tv * total_variation(images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decay.step()
+    return torch.sigmoid(logits).detach()
+
+
+def whitebox_attack(client_models, activations, victim_images, attacker_images, batch_size, batch_sizes, steps=1000,
+                    seed=0):
+    """An attacker that holds weights of the victim's client part (`client_models`, copies holding each state it
+    received: a SplitFed aggregator's upload and the average it sent, a colluding peer's hand-off) besides the
+    victim's `activations`: the better of `decode` with its pairs made through each of them (its own images
+    passed through them as training runs them: train mode, in the batch size) and `invert_activations` through
+    the last (an eighth as many steps). The weights are those of a moment in the round; the activations came from the
+    weights of theirs, a few steps apart (docs/privacy.md measures the cost)."""
+    known = torch.cat([sent_activations(model, attacker_images, batch_size, key=(seed, 2)) for model in client_models])
+    decoded = decode(known, attacker_images.repeat(len(client_models), 1, 1, 1), activations, victim_images, steps, seed=seed)
+    # (rMLE at an eighth of the steps: each passes every victim image through the client part and back, about what
+    # the decoder's steps on batches of 32 cost in all)
+    inverted = invert_activations(client_models[-1], activations, attacker_images, batch_sizes, max(steps // 8, 1), seed)
+    found = [dict(decoded, method="decoder"),
+             dict(compared(inverted, victim_images, attacker_images), method="rMLE", steps=max(steps // 8, 1))]
+    return max(found, key=lambda one: one["ssim"])
 
 
 def part_with(part, state):
@@ -355,8 +405,7 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
             simulated = simulated_update(model, weights, images, labels, training)
             dot = sum((grad.double() * aim.double()).sum() for grad, aim in zip(simulated, target))
             norm = torch.sqrt(sum(grad.double().square().sum() for grad in simulated))
-            prior = (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., 1:] - images[..., :-1]).abs().mean()
-            return 1 - dot / (norm * target_norm).clamp(min=1e-30), prior
+            return 1 - dot / (norm * target_norm).clamp(min=1e-30), total_variation(images)
         for _ in range(steps):
             mismatch, prior = distance()
             optimizer.zero_grad(set_to_none=True)
@@ -394,7 +443,7 @@ def invert_update(model, start, uploaded, victim_images, victim_labels, attacker
     reconstructed = invert_gradient(model, update, victim_labels.float(), victim_images.shape[1:], steps, seed,
                                     start=attacker_images.mean(0, keepdim=True), training=training)
     return dict(compared(reconstructed, victim_images, attacker_images, paired=False), local_steps=training["steps"],
-                optimizer=optimizer, steps=steps)
+                optimizer=optimizer, steps=steps, method=f"{optimizer} replayed, {training['steps']} steps")
 
 
 CURVE = ((1, 1), (4, 1), (8, 1), (8, 2), (8, 8))  # (images, local steps) of the FedAvg inversion curve

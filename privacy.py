@@ -24,7 +24,7 @@ class Recorder:
 
     def __init__(self, train_sets, batch_size, seed=0, keep=256):
         self.train_sets, self.batch_size, self.seed, self.keep = train_sets, batch_size, seed, keep
-        self.state, self.images, self.start = (), {}, None
+        self.state, self.images, self.start, self.averaged, self.began = (), {}, None, None, None
         self.activations, self.gradients, self.counts, self.upload, self.handoff = {}, {}, {}, None, None
 
     def started(self, run, state):
@@ -32,6 +32,7 @@ class Recorder:
 
     def round_started(self, run):
         self.activations, self.gradients, self.counts, self.upload, self.handoff = {}, {}, {}, None, None
+        self.began = self.averaged  # what the aggregator sent site 0 last round: the weights it starts this one from
         # site 0's starting weights, for the inversion of FedAvg's first update only (`measure`): a copy of the
         # whole model, on the round's clock, so not taken in any other round or scheme
         first = self.state[0] if self.state and isinstance(self.state[0], nn.Module) else None
@@ -49,6 +50,8 @@ class Recorder:
                 record.setdefault(source, []).append((indices, objects[0].detach()))
         elif link == "client->aggregator" and source == 0:
             self.upload = {key: value.detach().clone() for key, value in objects[0].items()}
+        elif link == "aggregator->client" and destination == 0:
+            self.averaged = {key: value.detach().clone() for key, value in objects[0].items()}
         elif link == "client->client" and source == 0 and self.handoff is None:
             self.handoff = destination, {key: value.detach().clone() for key, value in objects[0].items()}
         return objects
@@ -72,17 +75,28 @@ class Recorder:
             return None, None
         return torch.cat([indices for indices, _ in record]), torch.cat([tensor.float() for _, tensor in record])
 
+    def batch_sizes(self, site):
+        """The number of images in each batch `received` joined, in its order."""
+        return [len(indices) for indices, _ in self.activations.get(site, [])]
+
 
 def entry(attacker, channel, victim, found=None, **measured):
     """One line of what leaks: who could learn (`attacker`: "server", "aggregator", "server+aggregator" where
-    one process is both, "client K" for a peer), from what (`channel`: "images", "activations", "weights",
-    "labels"), about whose data (`victim`, a site), and how much: `ssim` of its best reconstruction against
-    `ssim_floor`, what its prior alone gives (the mean image of the images it knows), and `gain`, how far it got
-    from the floor towards a perfect copy, (ssim - floor) / (1 - floor): 0 nothing, 1 everything (the
-    normalised gain of Hatamizadeh et al. 2023's RDLV); or other measures (`dcor`, `label_auroc`)."""
+    one process is both, "server+client K" where a peer colludes, "client K" for a peer), from what (`channel`:
+    "images", "activations", "weights", "labels"), about whose data (`victim`, a site), and how much: `ssim` of
+    its output (per victim image the better of its reconstruction and its prior: `attacks.compared`) against
+    `ssim_floor`, what its prior alone gives (the mean image of the images it knows: the same for every
+    attacker), and `gain`, how far it got from the floor towards a perfect copy, (ssim - floor) / (1 - floor):
+    0 nothing, 1 everything, never below 0 (the normalised gain of Hatamizadeh et al. 2023's RDLV); where an
+    oracle decoder given the victim's own pairs measured what is reachable at the cut (`ssim_reachable`), `reach`,
+    the same gain towards it (where the oracle itself got above the floor); or other measures (`dcor`, `label_auroc`)."""
     found = dict(found or {}, **measured)
     row = dict(attacker=attacker, channel=channel, victim=victim, ssim=found.get("ssim"), ssim_floor=found.get("ssim_floor"))
     row["gain"] = None if row["ssim"] is None else (row["ssim"] - row["ssim_floor"]) / max(1 - row["ssim_floor"], 1e-9)
+    reachable = found.get("ssim_reachable")
+    if row["ssim"] is not None and reachable is not None and reachable > row["ssim_floor"] + 1e-3:
+        row.update(ssim_reachable=reachable,
+                   reach=(row["ssim"] - row["ssim_floor"]) / max(reachable - row["ssim_floor"], 1e-9))
     row.update({key: found[key] for key in ("dcor", "label_auroc", "psnr", "psnr_floor", "method") if key in found})
     return row
 
@@ -111,13 +125,16 @@ def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, functi
         indices[0] = shuffled(recorder.seed, 0, 0, len(run.train_sets[0]))
     images, labels = zip(*(own(site, indices[site]) for site in sites))
     start = run.send_for_evaluation(0, "server", recorder.start) if inverts else None  # (every process sends the same)
+    # a colluding peer gives the server the victim's client part it was handed
+    handoff = recorder.handoff and attack_steps and (
+        recorder.handoff[0], run.send_for_evaluation(recorder.handoff[0], "server", recorder.handoff[1]))
     if images[0].is_meta:  # not the server's process: it measures
         return {}, []
     found, leak = {}, []
     if run.scheme == "central" and len(images) > 1:
         leak.append(entry("server", "images", 0, compared(recorder.images[0][indices[0]], images[0], images[1])))
     if received[0][1] is not None:  # a split scheme: the server receives activations
-        leak += activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found)
+        leak += activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found, handoff)
     if received[0][1] is not None and hasattr(deployed[0][0], "head"):  # a U-shaped split: labels stay home
         returned = {site: recorder.received(site, "gradients") for site in sites}
         label_leak_of = attempt("label leak", lambda: [label_attacks(returned[site][1], labels[site][:len(returned[site][1])])
@@ -142,29 +159,45 @@ def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, functi
     return found, leak
 
 
-def activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found):
+def activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found, handoff=None):
     """`measure`'s attackers of the activations a split scheme's server received (`received`: per site, the
-    recorder's (indices, activations); `images`: the images behind them): dCor² and the decoder for the server,
-    and where it aggregates the client parts too, the white-box attack. Adds to `found`; returns the lines."""
+    recorder's (indices, activations); `images`: the images behind them): dCor² and, with `attack_steps`, the
+    server's decoder on the pairs another site sent it, beside the oracle (a decoder given the victim's own pairs:
+    what is reachable at this cut, `ssim_reachable`); and the white-box attack where the server also holds weights
+    of the victim's client part: as SplitFed's aggregator (site 0's upload, and the average it sent site 0 last
+    round) or with a colluding peer (`handoff`: site 0's client part as split learning hands it on). Adds to
+    `found`; returns the lines."""
     sites, leak = range(len(images)), []
     dependence_of = attempt("dCor²", lambda: [dependence(images[site], received[site][1], recorder.seed) for site in sites])
     if dependence_of:
         found.update(dcor=[d["dcor"] for d in dependence_of], dcor_shuffled=[d["dcor_shuffled"] for d in dependence_of])
-    attack = attack_steps and len(sites) > 1 and attempt("attack", lambda: decode(
-        received[1][1], images[1], received[0][1], images[0], attack_steps, seed=recorder.seed))
+    dcor = {"dcor": found["dcor"][0]} if "dcor" in found else {}
+    if not attack_steps or len(sites) < 2:
+        leak.append(entry("server", "activations", 0, **dcor))
+        return leak
+    attack = attempt("attack", lambda: decode(received[1][1], images[1], received[0][1], images[0], attack_steps,
+                                              seed=recorder.seed))
+    reachable = attempt("oracle", lambda: decode(received[0][1], images[0], received[0][1], images[0], attack_steps,
+                                                 seed=recorder.seed, held_out=0))
     if attack:
         found["attack"] = attack
-    leak.append(entry("server", "activations", 0, attack or None, **({"dcor": found["dcor"][0]} if "dcor" in found else {})))
-    if recorder.upload is not None and attack_steps:  # SplitFed v1, v2: the server aggregates the client parts too
+    if reachable:
+        found["reachable"] = reachable
+        dcor["ssim_reachable"] = reachable["ssim"]
+    leak.append(entry("server", "activations", 0, attack or None, **dcor, **({"method": "decoder"} if attack else {})))
+    held = [state for state in (recorder.began, recorder.upload) if state is not None] or ([handoff[1]] if handoff else [])
+    if held:
         whitebox = attempt("white-box attack", lambda: whitebox_attack(
-            part_with(deployed[0][0], recorder.upload), received[0][1], images[0], images[1],
-            run.batch_size, attack_steps, recorder.seed))
+            [part_with(deployed[0][0], state) for state in held], received[0][1], images[0], images[1],
+            run.batch_size, recorder.batch_sizes(0), attack_steps, recorder.seed))
         if whitebox:
             found["whitebox"] = whitebox
         # it holds what the server alone holds too, and keeps whichever reconstruction is better
         best = max((attack or None, whitebox), key=lambda found: -1 if not found else found["ssim"])
-        leak.append(entry("server+aggregator", "activations", 0, best,
-                          method=None if not best else "white-box" if best is whitebox else "black-box"))
+        attacker = "server+aggregator" if recorder.upload is not None else f"server+client {handoff[0]}"
+        leak.append(entry(attacker, "activations", 0, best, method=None if not best else
+                          best["method"] if best is whitebox else "decoder (another site's pairs)",
+                          **({"ssim_reachable": reachable["ssim"]} if reachable else {})))
     return leak
 
 

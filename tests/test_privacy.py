@@ -371,9 +371,14 @@ def test_every_scheme_names_each_attacker_on_one_scale(attacked, capsys):
         assert server["gain"] == pytest.approx((server["ssim"] - server["ssim_floor"]) / (1 - server["ssim_floor"]))
         assert lines["server", "labels"]["label_auroc"] == 1.0
         assert (("server+aggregator", "activations") in lines) == (scheme in ("sfv1", "sfv2")), scheme
-        assert (("client 1", "weights") in lines) == scheme.startswith("sl-"), scheme
-        if scheme in ("sfv1", "sfv2"):  # it holds what the server holds, and its own attack besides
-            assert lines["server+aggregator", "activations"]["ssim"] >= server["ssim"]
+        assert (("client 1", "weights") in lines) == (("server+client 1", "activations") in lines) == scheme.startswith("sl-")
+        for colluding in ("server+aggregator", "server+client 1"):  # it holds what the server holds, and more
+            if (colluding, "activations") in lines:
+                assert lines[colluding, "activations"]["ssim"] >= server["ssim"], scheme
+                assert lines[colluding, "activations"]["method"] in ("decoder", "rMLE", "decoder (another site's pairs)")
+        assert server["ssim_reachable"] >= server["ssim_floor"]
+        assert server.get("reach") is None or server["reach"] == pytest.approx(
+            (server["ssim"] - server["ssim_floor"]) / (server["ssim_reachable"] - server["ssim_floor"]))
         assert attacked[scheme]["leak_worst"] == max((line for line in attacked[scheme]["leak"] if line["gain"] is not None),
                                                      key=lambda line: line["gain"])
     # one scale: every attacker's floor is the same prior against the same victim images, and no leak is below it
