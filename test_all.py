@@ -399,6 +399,19 @@ def test_scoring_and_batchnorm_statistics_put_the_images_where_the_model_is(thre
 
 
 TINY = ["--site-sizes", "16,12", "--image-size", "32", "--rounds", "1", "--batch-size", "8"]
+SHARED_XRAYS = Path(__file__).resolve().parent.parent / "shared" / "data" / "pneumoniamnist-dev.npz"  # (may be absent)
+
+
+def real_xray_sites(folder, sizes, seed=0):
+    """A federation of real X-rays from SHARED_XRAYS: one MedMNIST file per site in `folder`, `sizes` images each,
+    drawn without replacement (seeded) from its training split."""
+    found = np.load(SHARED_XRAYS)
+    order = np.random.default_rng(seed).permutation(len(found["train_images"]))
+    for site, end in enumerate(np.cumsum(sizes)):
+        rows = order[end - sizes[site]:end]
+        np.savez(Path(folder) / f"site-{site}.npz", train_images=found["train_images"][rows],
+                 train_labels=found["train_labels"][rows])
+    return folder
 
 
 def test_costs_only_at_three_sites_predicts_exactly_what_training_counts(three_sites, three_site_results):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+from test_all import SHARED_XRAYS
 
 
 def test_synthetic_is_deterministic_and_its_sites_differ():
@@ -223,9 +224,6 @@ def test_nan_or_infinite_pixels_are_one_line_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=r"1 pixel\(s\) are NaN or infinite") as error:
             data.load_image(path, 32)
         assert str(path) in str(error.value) and "\n" not in str(error.value)
-
-
-SHARED_XRAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist-dev.npz"
 
 
 def medmnist_file(path, sizes=(12, 4, 6), side=28, seed=0):

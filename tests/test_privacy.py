@@ -21,6 +21,7 @@ import splitfed
 import splitlearn
 from common import batch_bounds, shuffled
 from defenses import Defense
+from test_all import SHARED_XRAYS, real_xray_sites
 from test_all import FAST, TINY, fresh_split
 
 
@@ -402,3 +403,14 @@ def test_a_runs_leak_keeps_each_attackers_worst_round():
     assert by["server"]["round"] == 2 and by["server"]["gain"] == pytest.approx(0.5)  # 0.25 / 0.5 beats 0.1 / 0.3
     assert by["client 1"]["round"] == 2 and by["client 1"]["dcor"] == 0.6
     assert worst == by["server"]
+
+
+@pytest.mark.skipif(not SHARED_XRAYS.exists(), reason="the real X-rays (../shared/data) are not beside the project")
+def test_the_split_servers_attack_recovers_real_xrays_at_the_first_cut(tmp_path):
+    """The positive control of the server's attack, on the bench's own path: at `conv0` the activations are the image
+    at half resolution, and real X-rays come back (gain at least 0.5; it is about 0.8)."""
+    folder = real_xray_sites(tmp_path, [64, 64])
+    rows = bench.main(["--data", str(folder), "--image-size", "32", "--cut", "conv0", "--rounds", "1", "--schemes", "sl-client",
+                       "--attack", "--attack-steps", "150"])
+    server = lines_of(rows[0])["server", "activations"]
+    assert server["gain"] >= 0.5 and server["ssim_reachable"] >= server["ssim"] - 0.05
