@@ -419,9 +419,9 @@ def run_job(args, seed, scheme, defense, sites, transport, rank, finished, say, 
     if args.costs_only:
         row["seconds"] = None
     line = profile and attempt("profile", lambda: profile.row(row, report.human), failed, row_say)
-    if args.save and rank == 0:
+    if args.save:  # each party the models it holds (under --distributed: a site its own), the server model.json
         attempt("save", lambda: report.save_models(models, row, sites[0], args, args.label_private
-                                                   and scheme in SPLIT_SCHEMES), failed, row_say)
+                                                   and scheme in SPLIT_SCHEMES, describe=rank == 0), failed, row_say)
     labels_leave = scheme == "central" or (scheme in SPLIT_SCHEMES and not args.label_private)
     lines, worst = privacy.worst_leaks(row["history"])
     row.update(privacy=privacy.what_the_server_learns(row["history"], SENDS.get(scheme, "activations"), labels_leave),

@@ -242,7 +242,9 @@ def local_statistics(run, site, client_side, server_side):
     with batchnorm_statistics(*[side for side in (client_side, server_side) if side is not None]):
         for images, _ in run.batches(run.train_sets[site], site, 0, shuffle=False, batch_size=max(run.batch_size, 128)):
             with run.autocast():
-                forward(server_side, run.send_for_evaluation(site, "server", forward(client_side, images)))
+                outputs = forward(client_side, images)
+                if server_side is not None:  # (a whole model at the site, FedAvg's: nothing leaves it)
+                    forward(server_side, run.send_for_evaluation(site, "server", outputs))
 
 
 @torch.no_grad()

@@ -125,18 +125,21 @@ class Transport:
         self.wire.waits = []
 
     def finished(self, run, result):
-        """At the end of a scheme: rank 0 gets each site's deployed model, whole and real (the client sides come
-        from the clients), the bytes every process sent and what each party measured of itself."""
+        """At the end of a scheme: each site's deployed model, whole and real, where that site is, as a deployment
+        has it: a split site receives the server's side of its model (evaluation traffic; none of a site's weights
+        go to the server), centralized training's models stay at the server; None for the sites held elsewhere.
+        Rank 0 gets the bytes every process sent and what each party measured of itself."""
         models = []
         for site, (client_side, server_side) in enumerate(run.deployed_sides):
-            if client_side is not None:
-                if self.rank == 0:
-                    client_side = unwrap(copy.deepcopy(client_side).to("meta")).to_empty(device=run.device)
-                state = self.transfer(site, "server", None, client_side.state_dict())
-                if self.rank == 0:
-                    client_side.load_state_dict(state)
-            if self.rank == 0:
-                models.append(whole(client_side, None if server_side is None else unwrap(server_side)))
+            here = self.rank == (0 if client_side is None else rank_of(site))
+            if client_side is not None and server_side is not None:  # a split: the server's side goes to the site
+                if here:
+                    server_side = unwrap(copy.deepcopy(server_side).to("meta")).to_empty(device=run.device)
+                state = self.transfer("server", site, None, unwrap(server_side).state_dict())
+                if here:
+                    server_side.load_state_dict(state)
+            models.append(whole(unwrap(client_side) if client_side is not None else None,
+                                None if server_side is None else unwrap(server_side)) if here else None)
         self.wire.settle()
         result.update(self.measured(), models=models)
 

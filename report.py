@@ -391,12 +391,14 @@ def save_figure(pyplot, figure, path):
     pyplot.close(figure)
 
 
-def save_models(models, row, train_sets, args, is_label_private):
+def save_models(models, row, train_sets, args, is_label_private, describe=True):
     """Each site's deployed model as {"client": state dict, "server": state dict} of CPU tensors (the parts of
-    `split_densenet121(cut)`, loadable on a machine without a GPU), and beside them model.json: what it takes
-    to load and use them (`load_site_model`)."""
+    `split_densenet121(cut)`, loadable on a machine without a GPU; None: a site held by another process), and with
+    `describe` beside them model.json: what it takes to load and use them (`load_site_model`)."""
     folder = save_folder(row, args)
     for site, model in enumerate(models):
+        if model is None:
+            continue
         with written(os.path.join(folder, f"site-{site}.pt"), "wb") as file:
             save_into({part: {key: value.cpu() for key, value in side.state_dict().items()}
                        for part, side in (("client", model[0]), ("server", model[1]))}, file)
@@ -405,7 +407,8 @@ def save_models(models, row, train_sets, args, is_label_private):
                 label_private=is_label_private,
                 sites=[train_set.name for train_set in train_sets], files=[f"site-{site}.pt" for site in range(len(models))],
                 auroc=row["auroc"], site_auroc=row["site_auroc"])
-    write_json(info, os.path.join(folder, "model.json"))
+    if describe:
+        write_json(info, os.path.join(folder, "model.json"))
 
 
 def load_site_model(path):

@@ -90,6 +90,10 @@ def test_distributed_run_equals_the_simulation_bit_for_bit(distributed_and_simul
                     "leak_worst"):  # (what each party could learn: measured in the server's process)
             assert real[key] == (list(simulation[key]) if key == "auroc_interval" else simulation[key]), (name, key)
         assert real["wire_bytes"] == real["bytes"], name  # what went on the wire is what the ledger counts
+        if real["scheme"] == "fedavg":  # its evaluation sends scores and labels, and (for --attack's inversion) the
+            # initial weights once: no site's deployed model (a model of each site would be twice as many bytes again)
+            model_bytes = real["bytes"]["aggregator->client"] // 2  # (two sites, one model each)
+            assert model_bytes < real["eval_bytes"] < 1.1 * model_bytes, name
         assert real["loss"] == pytest.approx(simulation["loss"], rel=1e-6)
         for site in range(2):
             got = torch.load(folder / order / "distributed" / name / f"site-{site}.pt", weights_only=True)
