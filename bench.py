@@ -135,7 +135,8 @@ def parse_args(argv):
     parser = Parser(description="Train every scheme on one federation and compare AUROC, bytes, FLOPs and time "
                                 "(docs/bench.md).", formatter_class=Formatter)
     add = parser.add_argument_group("data", "the federation: synthetic (default) or X-ray folders").add_argument
-    add("--data", metavar="PATH", help="X-ray folder or CSV manifest (docs/data.md); default: the synthetic federation")
+    add("--data", metavar="PATH",
+        help="X-ray folder, CSV manifest or MedMNIST .npz file(s) (docs/data.md); default: the synthetic federation")
     add("--sites", type=positive(int), help=f"number of sites (default: {data.NUM_SITES} synthetic, or the folder's own)")
     add("--site-sizes", type=size_list, metavar="N,N,...",
         help=f"synthetic images per site, train and test (default: {','.join(map(str, data.SITE_SIZES))}, then 96)")
