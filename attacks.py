@@ -326,7 +326,7 @@ def whitebox_attack(client_models, activations, victim_images, attacker_images, 
     # (rMLE at an eighth of the steps: each passes every victim image through the client part and back, about what
     # the decoder's steps on batches of 32 cost in all)
     inverted = invert_activations(client_models[-1], activations, attacker_images, batch_sizes, max(steps // 8, 1), seed)
-    found = [dict(decoded, method="decoder"),
+    found = [dict(decoded, method="white-box decoder"),
              dict(compared(inverted, victim_images, attacker_images), method="rMLE", steps=max(steps // 8, 1))]
     return max(found, key=lambda one: one["ssim"])
 
@@ -443,7 +443,7 @@ def invert_update(model, start, uploaded, victim_images, victim_labels, attacker
     reconstructed = invert_gradient(model, update, victim_labels.float(), victim_images.shape[1:], steps, seed,
                                     start=attacker_images.mean(0, keepdim=True), training=training)
     return dict(compared(reconstructed, victim_images, attacker_images, paired=False), local_steps=training["steps"],
-                optimizer=optimizer, steps=steps, method=f"{optimizer} replayed, {training['steps']} steps")
+                optimizer=optimizer, steps=steps, method=f"replayed {optimizer}")
 
 
 CURVE = ((1, 1), (4, 1), (8, 1), (8, 2), (8, 8))  # (images, local steps) of the FedAvg inversion curve

@@ -196,7 +196,7 @@ def activation_attacks(run, recorder, deployed, received, images, attack_steps, 
         best = max((attack or None, whitebox), key=lambda found: -1 if not found else found["ssim"])
         attacker = "server+aggregator" if recorder.upload is not None else f"server+client {handoff[0]}"
         leak.append(entry(attacker, "activations", 0, best, method=None if not best else
-                          best["method"] if best is whitebox else "decoder (another site's pairs)",
+                          best["method"] if best is whitebox else "decoder",
                           **({"ssim_reachable": reachable["ssim"]} if reachable else {})))
     return leak
 

@@ -376,7 +376,7 @@ def test_every_scheme_names_each_attacker_on_one_scale(attacked, capsys):
         for colluding in ("server+aggregator", "server+client 1"):  # it holds what the server holds, and more
             if (colluding, "activations") in lines:
                 assert lines[colluding, "activations"]["ssim"] >= server["ssim"], scheme
-                assert lines[colluding, "activations"]["method"] in ("decoder", "rMLE", "decoder (another site's pairs)")
+                assert lines[colluding, "activations"]["method"] in ("decoder", "white-box decoder", "rMLE")
         assert server["ssim_reachable"] >= server["ssim_floor"]
         assert server.get("reach") is None or server["reach"] == pytest.approx(
             (server["ssim"] - server["ssim_floor"]) / (server["ssim_reachable"] - server["ssim_floor"]))
