@@ -50,7 +50,8 @@ class Recorder:
                 record.setdefault(source, []).append((indices, objects[0].detach()))
         elif link == "client->aggregator" and source == 0:
             self.upload = {key: value.detach().clone() for key, value in objects[0].items()}
-        elif link == "aggregator->client" and destination == 0:
+        elif link == "aggregator->client" and destination == 0 and self.activations:
+            # (a split scheme's average, for its white-box attacker: FedAvg's whole model is not copied for nothing)
             self.averaged = {key: value.detach().clone() for key, value in objects[0].items()}
         elif link == "client->client" and source == 0 and self.handoff is None:
             self.handoff = destination, {key: value.detach().clone() for key, value in objects[0].items()}
