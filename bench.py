@@ -144,6 +144,9 @@ def parse_args(argv):
                                                     "differing in size and prevalence only")
     add("--partition", choices=("site", "iid", "dirichlet"), default="site",
         help="--data: keep its sites, or pool and split into --sites")
+    add("--data-seed", type=int, default=0, metavar="N",
+        help="the seed that draws the federation: synthetic images, --partition's split, each site's test split "
+             "(default: 0; --seeds redraws the weights and the batches only)")
     add("--image-size", type=positive(int), default=48, metavar="PX", help="image side in pixels")
     add = parser.add_argument_group("training", "what trains, and how").add_argument
     add("--schemes", type=scheme_list, metavar="LIST", help="comma-separated schemes to run (default: all; the split "
@@ -288,12 +291,13 @@ def load_sites(args, only_site=None):
     is that client's own)."""
     if args.data is None:
         sites = data.synthetic_sites(num_sites=len(site_sizes(args)), image_size=args.image_size, site_sizes=args.site_sizes,
-                                     shapes_only=args.costs_only, same_scanner=args.same_scanner, only_site=only_site)
+                                     seed=args.data_seed, shapes_only=args.costs_only, same_scanner=args.same_scanner,
+                                     only_site=only_site)
     elif only_site is not None and len(data.site_names(args.data)) == 1:
-        sites, only_site = data.folder_sites(args.data, image_size=args.image_size), 0
+        sites, only_site = data.folder_sites(args.data, image_size=args.image_size, seed=args.data_seed), 0
     else:
         sites = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites, partition=args.partition,
-                                  only_site=only_site)
+                                  seed=args.data_seed, only_site=only_site)
         if args.costs_only:  # counting needs the shapes only
             sites = [[data.Site(s.images.to("meta"), s.labels, s.name) for s in sets] for sets in sites]
     return sites if only_site is None else tuple(sets[only_site] for sets in sites)

@@ -90,7 +90,8 @@ def entry(attacker, channel, victim, found=None, **measured):
     attacker), and `gain`, how far it got from the floor towards a perfect copy, (ssim - floor) / (1 - floor):
     0 nothing, 1 everything, never below 0 (the normalised gain of Hatamizadeh et al. 2023's RDLV); where an
     oracle decoder given the victim's own pairs measured what is reachable at the cut (`ssim_reachable`), `reach`,
-    the same gain towards it (where the oracle itself got above the floor); or other measures (`dcor`, `label_auroc`)."""
+    the same gain towards it (where the oracle itself got above the floor); `gain_interval`, the gain's 95% interval
+    over the victim images (`compared`'s bootstrap); or other measures (`dcor`, `label_auroc`)."""
     found = dict(found or {}, **measured)
     row = dict(attacker=attacker, channel=channel, victim=victim, ssim=found.get("ssim"), ssim_floor=found.get("ssim_floor"))
     row["gain"] = None if row["ssim"] is None else (row["ssim"] - row["ssim_floor"]) / max(1 - row["ssim_floor"], 1e-9)
@@ -98,6 +99,9 @@ def entry(attacker, channel, victim, found=None, **measured):
     if row["ssim"] is not None and reachable is not None and reachable > row["ssim_floor"] + 1e-3:
         row.update(ssim_reachable=reachable,
                    reach=(row["ssim"] - row["ssim_floor"]) / max(reachable - row["ssim_floor"], 1e-9))
+    if row["gain"] is not None and found.get("ssim_interval"):
+        row["gain_interval"] = [(value - row["ssim_floor"]) / max(1 - row["ssim_floor"], 1e-9)
+                                for value in found["ssim_interval"]]
     row.update({key: found[key] for key in ("dcor", "label_auroc", "psnr", "psnr_floor", "method") if key in found})
     return row
 
@@ -106,7 +110,8 @@ def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, functi
     """What each party could learn from what it received in the round just ended (`recorder`), measured where the
     server is (its process under a transport; the images the measures compare with travel there as evaluation
     traffic). The victim is site 0; the server knows site 1's images (a colluding hospital, or public X-rays like
-    its own), which also make its prior, and a peer client its own. Always: dCor² of every site's images and the
+    its own), which also make its prior, and a peer client its own; the server's decoder also takes site 1 as the
+    victim (knowing the next site's images). Always: dCor² of every site's images and the
     activations it sent, the labels the server receives (returned gradients of a label-private client: the label
     attacks), central's images, a peer's prior. With `attack_steps`: the decoder on activations (`decode`), the
     white-box attack where the server also aggregates the client parts (`whitebox_attack`), the aggregator's
@@ -163,7 +168,8 @@ def measure(run, recorder, deployed, attack_steps=0, attempt=lambda what, functi
 def activation_attacks(run, recorder, deployed, received, images, attack_steps, attempt, found, handoff=None):
     """`measure`'s attackers of the activations a split scheme's server received (`received`: per site, the
     recorder's (indices, activations); `images`: the images behind them): dCor² and, with `attack_steps`, the
-    server's decoder on the pairs another site sent it, beside the oracle (a decoder given the victim's own pairs:
+    server's decoder on the pairs another site sent it (site 0, then site 1, in turn the victim, each decoded with the
+    next site's pairs and that site's mean image as the prior), each beside the oracle (a decoder given the victim's own pairs:
     what is reachable at this cut, `ssim_reachable`); and the white-box attack where the server also holds weights
     of the victim's client part: as SplitFed's aggregator (site 0's upload, and the average it sent site 0 last
     round) or with a colluding peer (`handoff`: site 0's client part as split learning hands it on). Adds to
@@ -176,16 +182,21 @@ def activation_attacks(run, recorder, deployed, received, images, attack_steps, 
     if not attack_steps or len(sites) < 2:
         leak.append(entry("server", "activations", 0, **dcor))
         return leak
-    attack = attempt("attack", lambda: decode(received[1][1], images[1], received[0][1], images[0], attack_steps,
-                                              seed=recorder.seed))
-    reachable = attempt("oracle", lambda: decode(received[0][1], images[0], received[0][1], images[0], attack_steps,
-                                                 seed=recorder.seed, held_out=0))
-    if attack:
-        found["attack"] = attack
-    if reachable:
-        found["reachable"] = reachable
-        dcor["ssim_reachable"] = reachable["ssim"]
-    leak.append(entry("server", "activations", 0, attack or None, **dcor, **({"method": "decoder"} if attack else {})))
+    for victim in (0, 1):  # two sites in turn as the victim, each decoded with the next site's pairs
+        known = (victim + 1) % len(sites)
+        what = "" if victim == 0 else f" on site {victim}"
+        attack = attempt("attack" + what, lambda: decode(received[known][1], images[known], received[victim][1],
+                                                         images[victim], attack_steps, seed=recorder.seed))
+        reachable = attempt("oracle" + what, lambda: decode(received[victim][1], images[victim], received[victim][1],
+                                                            images[victim], attack_steps, seed=recorder.seed, held_out=0))
+        line = {"dcor": found["dcor"][victim]} if "dcor" in found else {}
+        if reachable:
+            line["ssim_reachable"] = reachable["ssim"]
+        leak.append(entry("server", "activations", victim, attack or None, **line,
+                          **({"method": "decoder"} if attack else {})))
+        if victim == 0:  # (site 0 is the victim of every attacker: its measures are the row's)
+            found.update({key: value for key, value in (("attack", attack), ("reachable", reachable)) if value})
+    attack, reachable = found.get("attack"), found.get("reachable")
     held = [state for state in (recorder.began, recorder.upload) if state is not None] or ([handoff[1]] if handoff else [])
     if held:
         whitebox = attempt("white-box attack", lambda: whitebox_attack(

@@ -88,10 +88,11 @@ def print_tables(rows, args, distributed):
         print("\nwhat the server can learn (dCor² and label leak: mean over sites; the attack: site 0's images, "
               "the attacker site 1):")
         print(privacy_table(rows))
-        print("\nwho could learn what about site 0 (each attacker in the round it learnt most; SSIM of its output, per "
-              "victim image\nthe better of its reconstruction and its prior, and in brackets of its prior alone; gain: "
-              "(SSIM - floor) / (1 - floor);\nreach: the same towards an oracle decoder given the victim's own pairs; "
-              "how: the better attack):")
+        print("\nwho could learn what about which site's images (each attacker in the round it learnt most; SSIM of its "
+              "output,\nper victim image the better of its reconstruction and its prior, and in brackets of its prior "
+              "alone;\ngain: (SSIM - floor) / (1 - floor), its 95% interval over the victim images; reach: the same "
+              "towards an oracle\ndecoder given the victim's own pairs; how: the better attack (white-box: a decoder of "
+              "the victim's weights);\nlabels: the label attack's AUROC):")
         print(leak_table(rows))
 
 
@@ -167,15 +168,18 @@ def leak_cell(row):
 def leak_table(rows):
     """Every attacker of every row (the first seed): what it received, about whose data, how much it got, in the
     round it got most (`privacy.worst_leaks`), and how (or "not attacked")."""
-    lines = [["scheme", "attacker", "channel", "SSIM (floor)", "gain", "reach", "how", "dCor²", "label AUROC", "round"]]
+    lines = [["scheme", "attacker", "channel", "site", "SSIM (floor)", "gain [95%]", "reach", "how", "dCor²",
+              "labels", "round"]]
     number = lambda value, digits=3: "-" if value is None else f"{value:.{digits}f}"
     for row in rows:
         if row.get("error") or row["seed"] != rows[0]["seed"]:
             continue
         for line in row.get("leak", []):
-            lines.append([name(row), line["attacker"], line["channel"],
+            interval = line.get("gain_interval")
+            gain = number(line["gain"], 2) + (f" [{interval[0]:.2f},{interval[1]:.2f}]" if interval else "")
+            lines.append([name(row), line["attacker"], line["channel"], str(line["victim"]),
                           f"{line['ssim']:.3f} ({line['ssim_floor']:.3f})" if line["ssim"] is not None else "-",
-                          number(line["gain"], 2), number(line.get("reach"), 2), line.get("method") or "-",
+                          gain, number(line.get("reach"), 2), (line.get("method") or "-").replace(" decoder", ""),
                           number(line.get("dcor"), 2), number(line.get("label_auroc"), 2), str(line["round"])])
     return align(lines)
 

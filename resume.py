@@ -16,9 +16,10 @@ import report
 from checkpoints import one_line
 from secure import party_name
 
-TRAINED = ("data", "sites", "site_sizes", "same_scanner", "partition", "image_size", "cut", "bn", "batch_size", "lr",
-           "bf16", "layout", "order", "schemes", "seeds", "label_private", "attack", "attack_steps", "defense",
-           "clip", "delta", "tradeoff")  # what a resumed run must repeat; besides, its rounds may only grow
+TRAINED = ("data", "sites", "site_sizes", "same_scanner", "partition", "data_seed", "image_size", "cut", "bn",
+           "batch_size", "lr", "bf16", "layout", "order", "schemes", "seeds", "label_private", "attack", "attack_steps",
+           "defense", "clip", "delta", "tradeoff")  # what a resumed run must repeat; besides, its rounds may only grow
+BEFORE = {"data_seed": 0}  # what a setting was in a run.json written before it existed
 NOTED = ("device", "deterministic", "threads")  # what changes the numbers in their last bits only
 
 
@@ -63,8 +64,9 @@ def resumable(args, rows, refuse, say, rank=None):
         refuse(f"{where}: {one_line(error)}")
     now = run_settings(args)
     for key in TRAINED:
-        if saved.get(key) != now[key]:
-            refuse(f"{where}: --{key.replace('_', '-')} differs (the run had {saved.get(key)}, now {now[key]})")
+        had = saved.get(key, BEFORE.get(key))
+        if had != now[key]:
+            refuse(f"{where}: --{key.replace('_', '-')} differs (the run had {had}, now {now[key]})")
     for key in NOTED:
         if saved.get(key) != now[key]:
             say(f"note: the run had {key} {saved.get(key)}, now {now[key]}: the numbers may differ in their last bits")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import data
 from test_all import SHARED_XRAYS
 
@@ -26,6 +27,11 @@ def test_synthetic_is_deterministic_and_its_sites_differ():
     for site in train_a + test_a:  # stratified: both labels on both sides
         assert 0 < site.labels.sum() < len(site)
         assert site.images.shape[1:] == (1, 32, 32) and 0 <= site.images.min() and site.images.max() <= 1
+    # the bench's --data-seed draws it (--seeds does not): its default is seed 0
+    args = lambda *flags: bench.parse_args(["--image-size", "32", *flags])[0]
+    assert torch.equal(bench.load_sites(args())[0][0].images, data.synthetic_sites(image_size=32, seed=0)[0][0].images)
+    assert torch.equal(bench.load_sites(args("--data-seed", "3"))[0][1].images, train_a[1].images)
+    assert torch.equal(bench.load_sites(args("--seeds", "2"))[0][0].images, bench.load_sites(args())[0][0].images)
 
 
 def save_png(path, pixels, mode=None):
@@ -263,6 +269,9 @@ def test_medmnist_files_as_sites_and_one_file_split_into_sites(tmp_path):
     medmnist_file(tmp_path / "one.npz", sizes=(40, 8, 12))
     train_sets, test_sets = data.folder_sites(tmp_path / "one.npz", image_size=32, num_sites=3, partition="iid")
     assert len(train_sets) == 3 and sum(len(s) for s in train_sets + test_sets) == 60
+    flags = ["--data", str(tmp_path / "one.npz"), "--sites", "3", "--partition", "iid", "--image-size", "32"]
+    seeded = lambda *more: bench.load_sites(bench.parse_args(flags + list(more))[0])[0][0].images
+    assert torch.equal(seeded(), train_sets[0].images) and not torch.equal(seeded("--data-seed", "1"), seeded())
     with pytest.raises(ValueError, match="holds 1 sites .*not 3; use partition iid"):
         data.folder_sites(tmp_path / "one.npz", image_size=32, num_sites=3)
 

@@ -354,8 +354,8 @@ def attacked(tiny_run):
     return {row["scheme"]: row for row in tiny_run[0]}
 
 
-def lines_of(row):
-    return {(line["attacker"], line["channel"]): line for line in row["leak"]}
+def lines_of(row, victim=0):
+    return {(line["attacker"], line["channel"]): line for line in row["leak"] if line["victim"] == victim}
 
 
 def test_every_scheme_names_each_attacker_on_one_scale(attacked, capsys):
@@ -380,11 +380,17 @@ def test_every_scheme_names_each_attacker_on_one_scale(attacked, capsys):
         assert server["ssim_reachable"] >= server["ssim_floor"]
         assert server.get("reach") is None or server["reach"] == pytest.approx(
             (server["ssim"] - server["ssim_floor"]) / (server["ssim_reachable"] - server["ssim_floor"]))
+        other = lines_of(attacked[scheme], victim=1)  # the server's decoder with site 1 the victim, knowing site 2
+        assert set(other) == {("server", "activations")} and other["server", "activations"]["ssim_floor"] != server["ssim_floor"]
+        for line in (server, other["server", "activations"]):
+            low, high = line["gain_interval"]
+            assert 0 <= low <= line["gain"] <= high, scheme
         assert attacked[scheme]["leak_worst"] == max((line for line in attacked[scheme]["leak"] if line["gain"] is not None),
                                                      key=lambda line: line["gain"])
     # one scale: every attacker's floor is the same prior against the same victim images, and no leak is below it
     measured = [line for row in attacked.values() for line in row["leak"] if line["ssim"] is not None]
-    assert max(line["ssim_floor"] for line in measured) == pytest.approx(min(line["ssim_floor"] for line in measured))
+    site_0 = [line for line in measured if line["victim"] == 0]
+    assert max(line["ssim_floor"] for line in site_0) == pytest.approx(min(line["ssim_floor"] for line in site_0))
     assert all(line["gain"] >= 0 and line["ssim"] >= line["ssim_floor"] for line in measured)
     assert lines_of(attacked["sl-client"])["client 1", "weights"]["method"] == "not attacked"
     assert lines_of(attacked["sl-client"])["client 1", "weights"]["ssim"] is None

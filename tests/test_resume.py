@@ -201,6 +201,7 @@ def test_resume_refuses_other_settings_and_damaged_files_in_one_line_overwriting
              (RESUMABLE + ["--resume", str(folder), "--distributed", "--lr", "0.01"], "--lr differs"),  # no party started
              (RESUMABLE[:-1] + ["sl-client", "--resume", str(folder)], "--schemes differs"),
              (RESUMABLE + ["--resume", str(folder), "--seeds", "2"], "--seeds differs"),
+             (RESUMABLE + ["--resume", str(folder), "--data-seed", "1"], "--data-seed differs (the run had 0, now 1)"),
              (RESUMABLE + ["--resume", str(folder), "--rounds", "1"], "--rounds 1, but central has trained 2 already"),
              (RESUMABLE + ["--resume", str(tmp_path / "nothing")], "no run.json there"),
              (RESUMABLE + ["--resume", str(damaged)], f"{damaged / 'sl-client' / 'checkpoint.pt'}: not a whole checkpoint"),
