@@ -376,8 +376,50 @@ def simulated_update(model, weights, images, labels, training=None):
     return [weight - after for weight, after in zip(weights, current)]
 
 
+def batchnorm_layers(model):
+    return [layer for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+
+
+def statistics_change(start, uploaded, model, momentum=0.1):
+    """What a client's local steps added to each BatchNorm layer's running statistics (of `model`, in its order), as
+    the aggregator reads it from the state it sent (`start`) and the one uploaded: after k steps a running statistic
+    is (1 - m)^k times where it began plus the sum over steps i of m (1 - m)^(k - i) times step i's batch statistic,
+    so the upload less (1 - m)^k times the start is that weighted sum of the batches' means and (unbiased) variances,
+    per channel: (mean, variance) a layer. k from `num_batches_tracked` (`local_steps`)."""
+    decay = (1 - momentum) ** local_steps(start, uploaded, 0)
+    names = {layer: name for name, layer in model.named_modules()}
+    return [tuple(uploaded[f"{names[layer]}.{key}"].double() - decay * start[f"{names[layer]}.{key}"].double()
+                  for key in ("running_mean", "running_var")) for layer in batchnorm_layers(model)]
+
+
+def recording_moments(model):
+    """Hooks `model`'s BatchNorm layers (`batchnorm_layers`) to record, as it runs, each batch's mean and (unbiased)
+    variance per channel of what a layer normalises, differentiably: {layer's index: [(mean, variance) a forward
+    pass]}, the dict it returns (clear it between replays)."""
+    moments = {}
+    note = lambda index: lambda layer, inputs: moments.setdefault(index, []).append(
+        (inputs[0].mean((0, 2, 3)), inputs[0].var((0, 2, 3))))
+    for index, layer in enumerate(batchnorm_layers(model)):
+        layer.register_forward_pre_hook(note(index))
+    return moments
+
+
+def statistics_error(moments, statistics, momentum=0.1):
+    """How far the running statistics that the batches of `moments` (`recording_moments`, one replay) add up to are
+    from `statistics` (`statistics_change`): the squared error over every layer and channel relative to the
+    statistics' own square, 0 where they match."""
+    error, total = 0, 0.0
+    for index, aims in enumerate(statistics):
+        for number, step in enumerate(moments[index], 1):
+            weight = momentum * (1 - momentum) ** (len(moments[index]) - number)
+            aims = [aim - weight * moment.double() for aim, moment in zip(aims, step)]
+        error = error + sum(aim.square().sum() for aim in aims)
+        total += sum(float(aim.square().sum()) for aim in statistics[index])
+    return error / max(total, 1e-30)
+
+
 def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, restarts=1, lr=0.1, tv=1e-4, start=None,
-                    training=None):
+                    training=None, statistics=None, bn=1.0, momentum=0.1):
     """Images in [0, 1], shape (N, *image_shape), whose gradient of the package's loss (BCE with logits on one
     logit, mean over the batch) with respect to `model.parameters()`, in that order, matches `gradients`: what
     a party that holds the model and receives a gradient can reconstruct of the images behind it; with
@@ -390,8 +432,12 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
     weight `tv`; `restarts` random starts (seeded by `seed`; `start`: images to begin from instead, such as the
     attacker's prior, each a little apart), of which the one that matches best is kept. `labels` (N floats) are
     given to the attacker. The model runs as it is (a client's in train mode normalises by the batch, as its
-    training did), on a copy: its weights and statistics are untouched."""
+    training did), on a copy: its weights and statistics are untouched. With `training` and `statistics` (what the
+    update added to the running BatchNorm statistics: `statistics_change`), the replay's batch means and variances,
+    summed as the running statistics sum them (`momentum`), must match those too: a prior of weight `bn` on the
+    relative squared error (GradInversion's, Yin et al. 2021, with the exact statistics the upload carries)."""
     model = copy.deepcopy(model)
+    moments = recording_moments(model) if statistics is not None else {}
     weights = list(model.parameters())
     target = [to_model(gradient, model) for gradient in gradients]
     target_norm = torch.sqrt(sum(gradient.double().square().sum() for gradient in target))
@@ -408,14 +454,16 @@ def invert_gradient(model, gradients, labels, image_shape, steps=2000, seed=0, r
 
         def distance():
             images = torch.sigmoid(logits)
+            moments.clear()
             simulated = simulated_update(model, weights, images, labels, training)
             dot = sum((grad.double() * aim.double()).sum() for grad, aim in zip(simulated, target))
             norm = torch.sqrt(sum(grad.double().square().sum() for grad in simulated))
-            return 1 - dot / (norm * target_norm).clamp(min=1e-30), total_variation(images)
+            off = 0 if statistics is None else statistics_error(moments, statistics, momentum)
+            return 1 - dot / (norm * target_norm).clamp(min=1e-30), total_variation(images) * tv + bn * off
         for _ in range(steps):
             mismatch, prior = distance()
             optimizer.zero_grad(set_to_none=True)
-            (mismatch + tv * prior).backward()
+            (mismatch + prior).backward()
             optimizer.step()
             decay.step()
         mismatch = float(distance()[0].detach())
@@ -432,7 +480,7 @@ def local_steps(start, uploaded, default):
 
 
 def invert_update(model, start, uploaded, victim_images, victim_labels, attacker_images, batch_size, lr,
-                  optimizer="adam", steps=1000, seed=0):
+                  optimizer="adam", steps=1000, seed=0, bn=1.0):
     """The aggregator's attack on FedAvg's first update. It holds the weights it sent (`start`), those the client
     uploaded, the client's number of images (FedAvg's weight: len(victim_images)), and the protocol: the
     optimizer from a fresh state, its `lr`, the `batch_size`; the local steps it reads from the upload
@@ -440,28 +488,32 @@ def invert_update(model, start, uploaded, victim_images, victim_labels, attacker
     from `start` (`simulated_update`), and fits them to the update (`invert_gradient`, from its prior, the mean
     of `attacker_images`), given the labels in the client's order (`victim_labels`: an upper bound on an attacker
     that must infer them). It does not know which victim image each candidate is: `compared` assigns them one to
-    one."""
+    one. `bn`: the weight of the prior of the BatchNorm statistics the upload carries (`statistics_change`; 0:
+    none)."""
     model = part_with(model, start).train()
     start, uploaded = (dict(zip(model.state_dict(), state.values())) for state in (start, uploaded))  # by position
     update = [start[name].double() - uploaded[name].double() for name, _ in model.named_parameters()]
     training = dict(optimizer=optimizer, lr=lr, batch_size=batch_size,
                     steps=local_steps(start, uploaded, len(batch_bounds(len(victim_images), batch_size))))
+    statistics = statistics_change(start, uploaded, model) if bn else None
     reconstructed = invert_gradient(model, update, victim_labels.float(), victim_images.shape[1:], steps, seed,
-                                    start=attacker_images.mean(0, keepdim=True), training=training)
+                                    start=attacker_images.mean(0, keepdim=True), training=training,
+                                    statistics=statistics, bn=bn)
     return dict(compared(reconstructed, victim_images, attacker_images, paired=False), local_steps=training["steps"],
-                optimizer=optimizer, steps=steps, method=f"replayed {optimizer}")
+                optimizer=optimizer, steps=steps, bn=bn, method=f"replayed {optimizer}" + (" + BN" if bn else ""))
 
 
 CURVE = ((1, 1), (4, 1), (8, 1), (8, 2), (8, 8))  # (images, local steps) of the FedAvg inversion curve
 
 
 def inversion_curve(model, victim_images, victim_labels, attacker_images, lr=1e-3, steps=1000, seed=0,
-                    settings=CURVE, optimizers=("sgd", "adam"), log=print):
+                    settings=CURVE, optimizers=("sgd", "adam"), bn=1.0, log=print):
     """Where FedAvg starts to leak: for each optimizer and (images, local steps) of `settings`, a client trains a
     copy of `model` (train mode) for that many steps on its first that many images, all of them each step (FedSGD's
     setting at one step with SGD, the literature's), and the aggregator inverts its update by replaying that
     training (`invert_gradient` with `training`, `steps` steps from the attacker's mean image, knowing the
-    labels); scored by `compared`, the reconstructions assigned one to one. One image needs at least 64 px: in
+    labels, with the prior of the BatchNorm statistics its upload carries at weight `bn`); scored by `compared`, the
+    reconstructions assigned one to one. One image needs at least 64 px: in
     train mode DenseNet-121's last block then still has 2 x 2 values a channel for BatchNorm (at 48 px one: that
     client cannot train, and its row says so in "error")."""
     rows = []
@@ -485,9 +537,11 @@ def inversion_curve(model, victim_images, victim_labels, attacker_images, lr=1e-
                 continue
             update = [before.double() - weight.detach().double() for before, weight in zip(start, client.parameters())]
             begun = copy.deepcopy(model).train()  # the weights the aggregator sent: the update's starting point
+            statistics = statistics_change(begun.state_dict(), client.state_dict(), begun) if bn else None
             reconstructed = invert_gradient(begun, update, labels, images.shape[1:], steps, seed,
-                                            start=attacker_images.mean(0, keepdim=True), training=training)
-            rows.append(dict(compared(reconstructed, images, attacker_images, paired=False), **setting, steps=steps))
+                                            start=attacker_images.mean(0, keepdim=True), training=training,
+                                            statistics=statistics, bn=bn)
+            rows.append(dict(compared(reconstructed, images, attacker_images, paired=False), **setting, steps=steps, bn=bn))
             if log:
                 log(f"inversion: {name}, {num_images} images, {steps_taken} local steps: SSIM {rows[-1]['ssim']:.3f} "
                     f"(floor {rows[-1]['ssim_floor']:.3f})")

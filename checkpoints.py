@@ -77,16 +77,30 @@ def previous(path):
     return path.removesuffix(".pt") + ".previous.pt"
 
 
+def private(path, flags):
+    """`open`'s opener for a file only its owner reads: created new (O_EXCL), not through a symbolic link
+    (O_NOFOLLOW), mode 0600. What is already at `path` (a temporary file a killed run left, a planted link) is
+    removed first: a link itself, never what it points to."""
+    flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, 0o600)
+
+
 @contextlib.contextmanager
 def written(path, mode="w", keep=None):
     """`open(path, mode)` for writing, atomically: the file is written under a temporary name beside `path`,
     flushed to the disk, then renamed over it, so that a full disk, a kill or a power cut during the write leaves
     the file it replaces whole (and no partial one). `keep`: where the file it replaces is moved first. A write
-    that fails removes the temporary file and raises OSError naming `path`."""
+    that fails removes the temporary file and raises OSError naming `path`. The file is its owner's alone (mode
+    0600: checkpoints and models are trained on patients' images, kits hold keys), and the temporary one is made
+    anew, never through a link planted at its name."""
     temporary = f"{path}.tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temporary, mode, **({} if "b" in mode else dict(newline=""))) as file:
+        with open(temporary, mode, opener=private, **({} if "b" in mode else dict(newline=""))) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())

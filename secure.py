@@ -107,6 +107,10 @@ def provision(folder, num_parties):
     """Write one kit per party into `folder` (a new federation); returns their paths. Each file is readable by
     its owner alone; copy each to its party's machine, and keep no other party's there."""
     require("--provision")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.stat(folder).st_uid != os.getuid():  # its owner could replace a kit, or read one, before it is copied away
+        raise ValueError(f"--provision {folder} belongs to another user (uid {os.stat(folder).st_uid}): provision into "
+                         f"a folder of your own")
     paths = [os.path.join(folder, kit_name(rank)) for rank in range(num_parties)]
     if any(os.path.exists(path) for path in paths):
         raise ValueError(f"--provision {folder} already holds kits: a new federation goes into a new folder")
@@ -115,7 +119,6 @@ def provision(folder, num_parties):
     public_keys = [raw(key.public_key()).hex() for key in signing_keys]
     for rank, (path, key) in enumerate(zip(paths, signing_keys)):
         with written(path) as file:
-            os.fchmod(file.fileno(), 0o600)
             json.dump(dict(party=party_name(rank), rank=rank, federation=federation, public_keys=public_keys,
                            signing_key=key.private_bytes_raw().hex()), file, indent=1)
     return paths
@@ -128,15 +131,22 @@ def load_kit(path, rank, world_size):
         path = os.path.join(path, kit_name(rank))
     try:
         with open(path) as file:
+            mode = os.fstat(file.fileno()).st_mode & 0o777
+            if mode & 0o077:  # (its signing key is the party's identity: a kit others can read is no longer its own)
+                raise ValueError(f"--key {path} can be read by others (mode {mode:o}): chmod 600 it, or provision anew")
             kit = json.load(file)
         signing_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(kit["signing_key"]))
         public_keys = [Ed25519PublicKey.from_public_bytes(bytes.fromhex(key)) for key in kit["public_keys"]]
-        owner, federation = int(kit["rank"]), bytes.fromhex(kit["federation"])
+        owner, federation = kit["rank"], bytes.fromhex(kit["federation"])
+        if type(owner) is not int or not 0 <= owner < len(public_keys):
+            raise ValueError(f"its rank {str(owner)[:20]} is not one of its {len(public_keys)} parties")
         if raw(signing_key.public_key()) != raw(public_keys[owner]):
             raise ValueError("its signing key is not its party's")
     except OSError as error:
         raise ValueError(f"--key {path}: {error.strerror or error}") from None
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, OverflowError) as error:
+        if str(error).startswith("--key"):
+            raise
         raise ValueError(f"--key {path} is not a kit written by --provision ({str(error)[:80]})") from None
     if owner != rank:
         raise ValueError(f"--key {path} is {party_name(owner)}'s kit, and this process is {party_name(rank)} "

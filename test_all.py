@@ -600,9 +600,17 @@ def test_the_attackers_replay_of_local_training_is_torchs_optimizer(optimizer):
         F.binary_cross_entropy_with_logits(client(images[begin:end]).squeeze(1), labels[begin:end]).backward()
         step.step()
     training = dict(optimizer=optimizer, lr=0.01, steps=3, batch_size=6)
+    start = copy.deepcopy(model.state_dict())
+    moments = attacks.recording_moments(model)
     replayed = attacks.simulated_update(model, list(model.parameters()), images, labels, training)
     for before, after, change in zip(model.parameters(), client.parameters(), replayed):
         assert torch.allclose(change, before - after, atol=1e-7, rtol=1e-4)
+    # the BatchNorm prior: the replay's batches add up to what torch's running statistics gained, and others do not
+    statistics = attacks.statistics_change(start, client.state_dict(), model)
+    assert len(statistics) == 1 and float(attacks.statistics_error(moments, statistics)) < 1e-10
+    moments.clear()
+    attacks.simulated_update(model, list(model.parameters()), images * 0.5, labels, training)
+    assert float(attacks.statistics_error(moments, statistics)) > 1e-3
 
 
 def test_the_attackers_scale_never_goes_below_the_prior_and_assigns_one_to_one():

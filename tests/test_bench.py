@@ -296,6 +296,9 @@ def test_an_interrupted_run_keeps_the_models_saved_before(tmp_path, monkeypatch)
                                                                          "site-1.pt"]
     assert not (tmp_path / "sfv1").exists()
     assert [row["scheme"] for row in json.loads((tmp_path / "results.json").read_text())] == ["sl-client", "sfv1"]
+    # weights trained on patients' images, and what they scored: their owner's alone
+    assert {path.name: path.stat().st_mode & 0o777 for path in tmp_path.rglob("*") if path.is_file()} == dict.fromkeys(
+        ["checkpoint.pt", "model.json", "site-0.pt", "site-1.pt", "run.json", "results.json"], 0o600)
 
 
 @pytest.mark.parametrize("poison", ["1:nan", "1:1e4"])

@@ -119,14 +119,28 @@ def test_the_signed_store_believes_no_value_forged_moved_replayed_or_written_for
 
 def test_kits_without_the_extra_or_broken_are_one_line_and_exit_2(kits, tmp_path, monkeypatch, capsys):
     folder, _ = kits
+    kit = json.loads((folder / "client-0").read_text())
+    kits_of = {"broken": json.dumps(dict(kit, rank=2)), "huge": json.dumps(kit).replace('"rank": 1', '"rank": 1e400'),
+               "negative": json.dumps(dict(kit, rank=-1)), "text": json.dumps(dict(kit, rank="1")),
+               "nested": "[" * 100_000 + "]" * 100_000, "shared": json.dumps(kit)}
+    for name, text in kits_of.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o644 if name == "shared" else 0o600)
     broken = tmp_path / "broken"
-    broken.write_text(json.dumps(dict(json.loads((folder / "client-0").read_text()), rank=2)))
+    others = tmp_path / "others"
+    others.mkdir()
+    os.chown(others, 65534, 65534)  # (the tests run as root: a folder another user owns)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     cases = [(["--distributed", "--key", str(broken)], f"--key {broken} is not a kit written by --provision"),
+             *[(["--distributed", "--key", str(tmp_path / name)], f"--key {tmp_path / name} is not a kit written by "
+                                                                   "--provision") for name in ("huge", "negative", "text", "nested")],
+             (["--distributed", "--key", str(tmp_path / "shared")], "can be read by others (mode 644): chmod 600 it"),
              (["--distributed", "--key", str(folder / "client-0")], "is client 0's kit, and this process is client 1"),
-             (["--provision", str(folder)], "already holds kits")]
+             (["--provision", str(folder)], "already holds kits"),
+             (["--provision", str(others)], f"--provision {others} belongs to another user (uid 65534)")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as stop:
             bench.main(argv + ["--site-sizes", "16,12"])
@@ -257,3 +271,15 @@ def test_a_stranger_on_every_port_neither_joins_nor_changes_the_run_and_a_forged
     assert statuses == [1, 1, 1]
     for err in errors[:2]:
         assert "failed authentication" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_kits_are_their_owners_alone_and_never_written_through_a_planted_link(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("another user's file")
+    folder = tmp_path / "federation"
+    folder.mkdir()
+    (folder / f"{secure.kit_name(1)}.tmp").symlink_to(elsewhere)  # planted where the kit is first written
+    paths = secure.provision(str(folder), 3)
+    assert elsewhere.read_text() == "another user's file" and not (folder / f"{secure.kit_name(1)}.tmp").exists()
+    assert [os.stat(path).st_mode & 0o777 for path in paths] == [0o600] * 3
+    assert secure.load_kit(str(folder), 1, 3).rank == 1
