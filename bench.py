@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -239,6 +241,7 @@ def check(args, parser):
         parser.error(f"--resume {args.resume} saves where it resumes; --save {args.save} is elsewhere")
     args.save = args.resume or args.save
     untrained = args.costs_only and "--costs-only trains none"
+    side = max(last_side(args.image_size), 1)  # (an image too small for any side is refused below as such)
     refused = [
         (not args.schemes, f"--defense: no scheme takes {' and '.join(name.replace('_', '-') for name in named)} at once"),
         ("dp" in named and args.clip == math.inf and dict(args.defense)["dp"],
@@ -267,15 +270,41 @@ def check(args, parser):
          f"--rounds {args.rounds}: at most {MAX_ROUNDS} (a typo guard; a run that long wants --save and --resume)"),
         (args.image_size < data.MIN_IMAGE_SIZE,  # the least that leaves DenseNet-121 1x1 pixels at its last cut
          f"--image-size: image size {args.image_size} is too small for DenseNet-121 (at least {data.MIN_IMAGE_SIZE} "
-         f"pixels)")]
+         f"pixels)"),
+        (args.batch_size * side ** 2 < 2,
+         f"--batch-size {args.batch_size}: BatchNorm cannot train on one value a channel, and DenseNet-121's last block "
+         f"is {side}x{side} at {args.image_size} px: at least {math.ceil(2 / side ** 2)}")]
     for broken, message in refused:
         if broken:
             parser.error(message)
+    for flag, folder in [("--save", args.save), *((flag, path and (os.path.dirname(path) or ".")) for flag, path in
+                                                  (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)))]:
+        cannot = folder and not_writable(folder)
+        if cannot:  # (found now, not after hours of training)
+            parser.error(f"{flag}: cannot write into {folder} ({cannot})")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install -e \".[plot]\"")
+
+
+def last_side(image_size):
+    """The side of DenseNet-121's last dense block at `image_size` px: conv0 and pool0 halve it rounding up, each
+    transition's average pooling rounding down."""
+    side = math.ceil(math.ceil(image_size / 2) / 2)
+    return side // 8
+
+
+def not_writable(folder):
+    """Why no file can be written into `folder` (made if missing), in a few words; None where one can (a file is
+    made there and removed: a read-only file system, a full disk's inodes or missing permission show now)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
 
 
 def site_sizes(args):
@@ -566,18 +595,25 @@ def provision(args, parser):
     return []
 
 
+def terminated(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def cli():
     """`python bench.py`: Ctrl-C ends the run with one line (what is saved stays, and says how to go on), not a
     traceback. A party of a distributed run lets it through, to its excepthook, which stops the others too."""
+    if "RANK" not in os.environ:  # SIGTERM (a scheduler's, `kill`'s) ends the run as Ctrl-C does
+        signal.signal(signal.SIGTERM, terminated)
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupted:
         if "RANK" in os.environ:
             raise
+        by_sigterm = interrupted.args == ("SIGTERM",)
         saved = next((sys.argv[i + 1] for i, flag in enumerate(sys.argv[:-1]) if flag in ("--save", "--resume")), None)
-        print("bench.py: interrupted" + (f"; go on with the same flags and --resume {saved}" if saved else ""),
-              file=sys.stderr, flush=True)
-        sys.exit(130)
+        print(f"bench.py: {'stopped (SIGTERM)' if by_sigterm else 'interrupted'}"
+              + (f"; go on with the same flags and --resume {saved}" if saved else ""), file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM if by_sigterm else 130)
     # Done, every file closed and every checkpoint written: leave without Python's own clean-up of torch and what it
     # imports, which a distributed run would wait for in each of its parties.
     sys.stdout.flush()

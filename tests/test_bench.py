@@ -235,6 +235,9 @@ def test_costs_only_at_paper_scale_with_bf16_halves_activations():
     (["--image-size", "8192"], "3 sites, 8192 px, batch 32: about"), (["--batch-size", "100000"], "batch 100000: about"),
     (["--sites", "100001"], "100001 sites, 48 px"), (["--sites", "100001", "--distributed"], "processes 50 TB"),
     (["--save", "setup.py"], "--save setup.py is a file"), (["--json", "tests"], "--json tests is a folder"),
+    (["--save", "setup.py/runs"], "--save: cannot write into setup.py/runs (Not a directory)"),
+    (["--batch-size", "1", "--image-size", "32"], "--batch-size 1: BatchNorm cannot train on one value a channel, and "
+                                                   "DenseNet-121's last block is 1x1 at 32 px: at least 2"),
 ])
 def test_bad_flags_and_data_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

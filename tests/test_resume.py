@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -136,6 +138,23 @@ def test_ctrl_c_ends_the_run_with_one_line_that_says_how_to_go_on(monkeypatch, c
         bench.cli()
     assert stop.value.code == 130
     assert capsys.readouterr().err == "bench.py: interrupted; go on with the same flags and --resume runs\n"
+
+
+def test_sigterm_ends_the_run_as_ctrl_c_does_and_leaves_no_partial_file(tmp_path):
+    """A real process stopped by SIGTERM while it trains: one line that says how to go on, status 143, every file
+    written whole (none half-written beside them)."""
+    command = [sys.executable, "bench.py", *TINY, "--rounds", "50", "--schemes", "sl-client", "--save", str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={key: value for key, value in os.environ.items() if key != "RANK"}) as process:
+        for line in process.stdout:
+            if "round 2/50" in line:  # (a checkpoint is written after every round: the signal lands among them)
+                process.send_signal(signal.SIGTERM)
+                break
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert err == f"bench.py: stopped (SIGTERM); go on with the same flags and --resume {tmp_path}\n"
+    assert not list(tmp_path.rglob("*.tmp")) and (tmp_path / "run.json").exists()
+    assert checkpoints.load_checkpoint(str(tmp_path / "sl-client" / "checkpoint.pt"))["run"]["history"]
 
 
 RESUMABLE = TINY + ["--rounds", "2", "--schemes", "central,sl-client"]
