@@ -146,6 +146,9 @@ def parse_args(argv):
                                                     "differing in size and prevalence only")
     add("--partition", choices=("site", "iid", "dirichlet"), default="site",
         help="--data: keep its sites, or pool and split into --sites")
+    add("--max-pixels", type=positive(int), default=data.MAX_PIXELS, metavar="N",
+        help=f"--data: an image of more pixels is refused from its header, before decoding (default: "
+             f"{data.MAX_PIXELS:,}; Pillow's own limit, about 179 million, stays)")
     add("--data-seed", type=int, default=0, metavar="N",
         help="the seed that draws the federation: synthetic images, --partition's split, each site's test split "
              "(default: 0; --seeds redraws the weights and the batches only)")
@@ -323,10 +326,11 @@ def load_sites(args, only_site=None):
                                      seed=args.data_seed, shapes_only=args.costs_only, same_scanner=args.same_scanner,
                                      only_site=only_site)
     elif only_site is not None and len(data.site_names(args.data)) == 1:
-        sites, only_site = data.folder_sites(args.data, image_size=args.image_size, seed=args.data_seed), 0
+        sites, only_site = data.folder_sites(args.data, image_size=args.image_size, seed=args.data_seed,
+                                             max_pixels=args.max_pixels), 0
     else:
         sites = data.folder_sites(args.data, image_size=args.image_size, num_sites=args.sites, partition=args.partition,
-                                  seed=args.data_seed, only_site=only_site)
+                                  seed=args.data_seed, only_site=only_site, max_pixels=args.max_pixels)
         if args.costs_only:  # counting needs the shapes only
             sites = [[data.Site(s.images.to("meta"), s.labels, s.name) for s in sets] for sets in sites]
     return sites if only_site is None else tuple(sets[only_site] for sets in sites)

@@ -26,6 +26,7 @@ NUM_SITES = 3  # the synthetic federation's sites, and a pooled folder's, unless
 SITE_SIZES = (340, 214, 128)  # train + test; 256, 160, 96 for training: whole batches of 32. Then 96 each.
 SHARED_SCANNER = dict(contrast=0.8, gamma=1.0, noise=0.045, blur=0.6)  # the middle of every site's range
 MEDMNIST_SPLITS = ("train", "val", "test")  # the arrays of a MedMNIST file: {split}_images, {split}_labels
+MAX_PIXELS = 50_000_000  # an image larger is refused from its header (a chest X-ray has up to about 20 million)
 MIN_IMAGE_SIZE = 29  # DenseNet-121 halves an image five times; 29 pixels is the least that leaves 1x1
 
 
@@ -176,6 +177,24 @@ def synthetic_sites(num_sites=NUM_SITES, image_size=48, seed=0, site_sizes=None,
     return train_sets, test_sets
 
 
+def _too_many_pixels(path, pixels, max_pixels, what):
+    if pixels > max_pixels:
+        raise ValueError(f"{path}: {what}, {pixels:,} pixels, more than --max-pixels {max_pixels:,} (an X-ray "
+                         f"has a few million; raise the limit if this one is meant)")
+
+
+def _check_header(image, path, max_pixels):
+    """What a PIL image's header says, before its pixels are decoded: not too many of them (`max_pixels`: a small
+    file can decode into gigabytes), one page, and no colour channel deeper than the 8 bits Pillow reads."""
+    _too_many_pixels(path, image.width * image.height, max_pixels, f"{image.width} x {image.height}")
+    if getattr(image, "n_frames", 1) > 1:
+        raise ValueError(f"{path}: {image.n_frames} pages (frames), not one X-ray")
+    raw_mode = image.tile[0][3] if image.tile and isinstance(image.tile[0][3], str) else ""
+    if image.mode in ("RGB", "RGBA") and "16" in raw_mode:
+        raise ValueError(f"{path}: 16 bits a colour channel ({raw_mode}), which Pillow reads as 8: save it as "
+                         f"16-bit grayscale")
+
+
 def _to_gray(image, path):
     """A PIL image as one float32 channel in [0, 1], its own full range stretched (16-bit kept, never clipped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
@@ -226,7 +245,7 @@ def _window(values, center, width, function):
     return np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1)
 
 
-def _read_dicom(path):
+def _read_dicom(path, max_pixels):
     """A DICOM X-ray as a radiologist sees it, one float channel in [0, 1]: stored values through the modality
     rescale (RescaleSlope/Intercept or a modality LUT), then the VOI window (WindowCenter/Width, the first
     if there are several) or VOI LUT when the file has one, else its own range stretched as for other images;
@@ -246,12 +265,14 @@ def _read_dicom(path):
                          f"a chest X-ray is one grayscale channel")
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise ValueError(f"{path}: a multi-frame DICOM ({dataset.NumberOfFrames} frames), not one X-ray")
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    _too_many_pixels(path, rows * columns, max_pixels, f"{rows} x {columns}")
     try:
         stored = dataset.pixel_array
     except Exception as error:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         raise ValueError(f"{path}: cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): "
-                         f"{str(error).splitlines()[0][:160]}") from None
+                         f"{' '.join(str(error).split())}") from None
     values = _finite(np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64), path)
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
         first = lambda value: value[0] if isinstance(value, pydicom.multival.MultiValue) and len(value) else value
@@ -276,20 +297,22 @@ def _read_dicom(path):
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir):
+def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir, max_pixels):
     key = hashlib.sha1(f"{path}|{mtime_ns}|{file_size}|{image_size}".encode()).hexdigest()
     cached = Path(cache_dir, key + ".npy") if cache_dir else None
     if cached and cached.exists():
         return torch.from_numpy(np.load(cached))
     if is_dicom(path):
-        pixels = _read_dicom(path)
+        pixels = _read_dicom(path, max_pixels)
     else:
         try:
             with Image.open(path) as image:
+                _check_header(image, path, max_pixels)
                 image.load()
                 pixels = _to_gray(image, path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from None
+            raise ValueError(str(error) if str(error).startswith(f"{path}:") else f"cannot read image {path}: {error}") \
+                from None
     resized = F.interpolate(torch.from_numpy(pixels)[None, None], size=(image_size, image_size),
                             mode="bilinear", antialias=True, align_corners=False)[0]
     if cached:
@@ -298,14 +321,15 @@ def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir):
     return resized
 
 
-def load_image(path, image_size, cache_dir=None):
+def load_image(path, image_size, cache_dir=None, max_pixels=None):
     """Decode and resize one X-ray to 1 x image_size x image_size, once per file, size and modification; `path` may
-    also be (a MedMNIST file, the image's row in it), as `folder_sites` lists them."""
+    also be (a MedMNIST file, the image's row in it), as `folder_sites` lists them. An image of more than
+    `max_pixels` (default `MAX_PIXELS`) is refused from its header, before it is decoded."""
     if isinstance(path, tuple):
         pixels = _medmnist(*_stamped(path[0]))[0][path[1]]
         return F.interpolate(torch.from_numpy(_stretch(pixels.astype(np.float64)).astype(np.float32))[None, None],
                              size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return _decode_cached(*_stamped(path), image_size, cache_dir and str(cache_dir))
+    return _decode_cached(*_stamped(path), image_size, cache_dir and str(cache_dir), max_pixels or MAX_PIXELS)
 
 
 def _stamped(path):
@@ -410,21 +434,34 @@ def _scan_folder(root):
 
 
 def _scan_manifest(manifest):
-    """{site: [(path, label)]} from a CSV of `path,label[,site]` (a header row is optional)."""
-    sites = {}
-    with open(manifest, newline="") as file:
-        for line, row in enumerate(csv.reader(file), start=1):
-            if not row or (line == 1 and row[0].strip().lower() == "path"):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{manifest} line {line}: expected path,label[,site]")
-            label = _class_label(row[1].strip())
-            if label is None:
-                raise ValueError(f"{manifest} line {line}: label {row[1].strip()!r} is not binary (0 or 1)")
-            path = Path(manifest).parent / row[0].strip()
-            if not path.is_file():
-                raise ValueError(f"{manifest} line {line}: image {path} does not exist")
-            sites.setdefault(row[2].strip() if len(row) > 2 else Path(manifest).stem, []).append((path, label))
+    """{site: [(path, label)]} from a CSV of `path,label[,site]` (a header row is optional; a spreadsheet's byte
+    order mark too). An image named on two lines is refused, naming both: as a training and a test image it would
+    inflate the AUROC, under two labels it is one of them wrong."""
+    sites, lines = {}, {}
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as file:
+            rows = list(csv.reader(file))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{manifest} is not a CSV manifest (path,label[,site]): not text ({error.reason} at byte "
+                         f"{error.start})") from None
+    except csv.Error as error:
+        raise ValueError(f"{manifest} is not a CSV manifest (path,label[,site]): {error}") from None
+    for line, row in enumerate(rows, start=1):
+        if not row or (line == 1 and row[0].strip().lower() == "path"):
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{manifest} line {line}: expected path,label[,site]")
+        label = _class_label(row[1].strip())
+        if label is None:
+            raise ValueError(f"{manifest} line {line}: label {row[1].strip()!r} is not binary (0 or 1)")
+        path = Path(manifest).parent / row[0].strip()
+        if not path.is_file():
+            raise ValueError(f"{manifest} line {line}: image {path} does not exist")
+        earlier = lines.setdefault(path.resolve(), (line, label))
+        if earlier[0] != line:
+            raise ValueError(f"{manifest} lines {earlier[0]} and {line} name the same image {path}"
+                             + (f", under labels {earlier[1]} and {label}" if earlier[1] != label else ""))
+        sites.setdefault(row[2].strip() if len(row) > 2 else Path(manifest).stem, []).append((path, label))
     if not sites:
         raise ValueError(f"no images found in manifest {manifest}")
     return sites
@@ -464,15 +501,35 @@ def site_sizes(root):
     return {name: len(items) for name, items in _scan(root).items()}
 
 
+def _refuse_duplicates(items, seen):
+    """One image twice (the same file, or a copy of it under another name: the same bytes) would be a training and a
+    test image at once, inflating the AUROC, or under two labels one of them wrong: refused, naming both. `seen`:
+    what the sites before held, {the image's digest: (where, label)}, added to."""
+    where = lambda path: f"{path[0]} row {path[1]}" if isinstance(path, tuple) else str(path)
+    for path, label in items:
+        if isinstance(path, tuple):  # a MedMNIST row: its pixels
+            content = _medmnist(*_stamped(path[0]))[0][path[1]].tobytes()
+        else:
+            content = Path(path).read_bytes()
+        earlier = seen.setdefault(hashlib.sha1(content).digest(), (path, label))
+        if earlier[0] != path:
+            same = "the same file" if not isinstance(path, tuple) and Path(earlier[0]).resolve() == Path(path).resolve() \
+                else "the same image"
+            raise ValueError(f"{where(earlier[0])} and {where(path)} are {same}"
+                             + (f", under labels {earlier[1]} and {label}" if earlier[1] != label else "")
+                             + ": each image may be in the data once")
+
+
 def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0, test_fraction=0.25,
-                 alpha=0.5, cache_dir=None, only_site=None):
+                 alpha=0.5, cache_dir=None, only_site=None, max_pixels=None):
     """Real X-rays as sites: a folder per site, one pooled folder split into sites, a CSV manifest, a MedMNIST `.npz`
     file (one site, its splits pooled), or a folder of such files (one site each).
 
     partition: "site" keeps the sites as found; "iid" or "dirichlet" (label skew, `alpha`) pools every image
     and splits the pool into `num_sites` sites. Each site gets a seeded, stratified test split.
     `only_site`: decode the images of that site (an index) only; the others have their labels and
-    shape-only images (a client of a distributed run).
+    shape-only images (a client of a distributed run). An image twice (`_refuse_duplicates`; in the sites decoded)
+    and one larger than `max_pixels` (default `MAX_PIXELS`, read from its header before it is decoded) are refused.
     """
     _check_image_size(image_size)
     root = Path(root)
@@ -491,12 +548,13 @@ def folder_sites(root, image_size=224, num_sites=None, partition="site", seed=0,
         labels = np.array([label for _, label in pool])
         parts = _partition(labels, num_sites or NUM_SITES, partition, alpha, np.random.default_rng(seed))
         groups = {f"{partition}-{k}": [pool[i] for i in part] for k, part in enumerate(parts)}
-    train_sets, test_sets = [], []
+    train_sets, test_sets, seen = [], [], {}
     for site, (name, items) in enumerate(groups.items()):
         if only_site not in (None, site):
             images = torch.empty(len(items), 1, image_size, image_size, device="meta")
         else:
-            images = torch.stack([load_image(path, image_size, cache_dir) for path, _ in items])
+            _refuse_duplicates(items, seen)
+            images = torch.stack([load_image(path, image_size, cache_dir, max_pixels) for path, _ in items])
         labels = torch.tensor([float(label) for _, label in items])
         train, test = _train_test(images, labels, name, test_fraction, np.random.default_rng([seed, site]))
         train_sets.append(train)

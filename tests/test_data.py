@@ -47,7 +47,7 @@ def test_folder_layouts_shenzhen_names_and_class_folders(tmp_path):
     for i in range(8):
         save_png(tmp_path / "shenzhen" / f"CHNCXR_{i:04d}_{i % 2}.png", gray(10 * i))
     for i in range(4):
-        save_png(tmp_path / "montgomery" / "Normal" / f"a{i}.png", gray(5 * i))
+        save_png(tmp_path / "montgomery" / "Normal" / f"a{i}.png", gray(5 * i + 3))
         save_png(tmp_path / "montgomery" / "TB" / f"b{i}.png", gray(200 - 5 * i))
     train_sets, test_sets = data.folder_sites(tmp_path, image_size=32)
     assert [s.name for s in train_sets] == ["montgomery", "shenzhen"]
@@ -302,3 +302,52 @@ def test_the_real_xray_file_reads_as_its_readme_says():
     labels = torch.cat([s.labels for s in train_sets + test_sets])
     assert len(labels) == 5206 and int(labels.sum()) == 3858  # 1,348 normal, 3,858 pneumonia
     assert all(0 <= s.images.min() and s.images.max() <= 1 and s.images.shape[1:] == (1, 32, 32) for s in train_sets)
+
+
+def png_48_bit(path, pixels):
+    """An RGB PNG of 16 bits a channel (which Pillow cannot write), chunk by chunk as the PNG standard lays it out."""
+    import struct
+    import zlib
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_data_that_would_inflate_or_corrupt_a_result_is_one_line_naming_it(tmp_path):
+    for i in range(8):
+        save_png(tmp_path / "img" / f"{i}.png", gray(7 * i))
+    manifest = lambda name, *rows: (tmp_path / name).write_text("path,label\n" + "".join(f"{row}\n" for row in rows))
+    cases = [(manifest("twice.csv", *[f"img/{i}.png,{i % 2}" for i in range(8)], "img/3.png,1"),
+              "twice.csv lines 5 and 10 name the same image"),
+             (manifest("labels.csv", *[f"img/{i}.png,{i % 2}" for i in range(8)], "img/./2.png,1"),
+              "labels.csv lines 4 and 10 name the same image .*, under labels 0 and 1")]
+    for _, message in cases:
+        with pytest.raises(ValueError, match=message):
+            data.folder_sites(tmp_path / message.split()[0], image_size=32)
+    (tmp_path / "img" / "copy.png").write_bytes((tmp_path / "img" / "5.png").read_bytes())  # a copy, another name
+    manifest("copied.csv", *[f"img/{i}.png,{i % 2}" for i in range(8)], "img/copy.png,0")
+    with pytest.raises(ValueError, match=r"img/5.png and .*img/copy.png are the same image, under labels 1 and 0"):
+        data.folder_sites(tmp_path / "copied.csv", image_size=32)
+    manifest("plain.csv", *[f"img/{i}.png,{i % 2}" for i in range(8)])
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())  # as a spreadsheet saves it
+    assert [len(s) for s in data.folder_sites(bom, image_size=32)[0]] == [len(s) for s in data.folder_sites(
+        tmp_path / "plain.csv", image_size=32)[0]]
+    with pytest.raises(ValueError, match=r"0.png is not a CSV manifest \(path,label\[,site\]\): not text"):
+        data.folder_sites(tmp_path / "img" / "0.png", image_size=32)
+    with pytest.raises(ValueError, match=r"0.png: 40 x 40, 1,600 pixels, more than --max-pixels 1,000"):
+        data.folder_sites(tmp_path / "plain.csv", image_size=32, max_pixels=1000)
+    pages = [Image.fromarray(gray(value)) for value in (10, 20)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    png_48_bit(tmp_path / "deep.png", np.random.default_rng(0).integers(0, 65536, (8, 8, 3)))
+    with Image.open(tmp_path / "deep.png") as deep:
+        assert deep.mode == "RGB"  # (Pillow would read it as 8 bits a channel, silently)
+    for name, message in (("pages.tif", "2 pages"), ("deep.png", "16 bits a colour channel")):
+        with pytest.raises(ValueError, match=message) as error:
+            data.load_image(tmp_path / name, 32)
+        assert name in str(error.value) and "\n" not in str(error.value)
+    write_dicom(tmp_path / "large.dcm", np.zeros((50, 40), np.uint16))
+    with pytest.raises(ValueError, match=r"large.dcm: 50 x 40, 2,000 pixels, more than --max-pixels 1,000"):
+        data.load_image(tmp_path / "large.dcm", 32, max_pixels=1000)
