@@ -19,7 +19,10 @@ import signal
 import sys
 import tempfile
 
-import torch
+# (before torch loads: c10d's C++ warnings and stack traces would bury the one line that names each failure's cause;
+# TORCH_CPP_LOG_LEVEL=INFO shows them again)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+import torch  # noqa: E402
 from torch import nn
 
 import attacks

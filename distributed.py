@@ -53,6 +53,7 @@ from standins import StandIn, adam_state, meta_copy, unwrap
 from wire import Wire, placeholder
 
 HEARTBEAT_SECONDS, SILENT_SECONDS = 1.0, 20.0  # a party silent this long is taken for dead
+MAX_TIMEOUT = 7 * 24 * 3600  # --timeout at most a week: beyond, torch's timers overflow, and nothing waits that long
 
 
 def rank_of(party):
@@ -358,7 +359,13 @@ def connect(timeout, device, kit=None):
     own (secure.py) instead of gloo's."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    store, listener = rendezvous_store(rank, world_size, timeout)
+    try:
+        store, listener = rendezvous_store(rank, world_size, timeout)
+    except (RuntimeError, OSError) as error:  # (torch's DistNetworkError is a RuntimeError)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise ValueError(f"{party_name(rank)}: cannot listen at {where} for the rendezvous store ({one_line(error)})"
+                         if rank == 0 else f"{party_name(rank)}: cannot reach the rendezvous store at {where} within "
+                                           f"{timeout:g} s (is the server started, and its address right?)") from None
     # torchrun's store outlives a restart: each start of the parties keeps its keys apart ("failed" among them)
     store = dist.PrefixStore(f"start-{restart}/", store)
     try:
@@ -427,7 +434,19 @@ def join(args, refuse, load_own_site):
     """This process as the party its environment names (RANK, under torchrun or launch.py), with the flags' settings:
     (its transport, connected; (train_sets, test_sets) as it holds them: its own site real, `load_own_site(site)`
     making or reading it, the others' shapes). A setting that cannot work: `refuse` one line."""
-    master = os.environ.get("MASTER_ADDR", "")
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        refuse(f"--distributed with RANK set is one party started by torchrun or by hand, and {', '.join(missing)} "
+               f"{'is' if len(missing) == 1 else 'are'} not set (without RANK, bench.py starts every party itself)")
+    try:
+        rank, world_size, port = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
+        if not (world_size >= 2 and 0 <= rank < world_size and 0 < port < 65536):
+            raise ValueError
+    except ValueError:
+        refuse(f"--distributed: RANK {os.environ['RANK']}, WORLD_SIZE {os.environ['WORLD_SIZE']}, MASTER_PORT "
+               f"{os.environ['MASTER_PORT']}: a party's rank is 0 to WORLD_SIZE - 1 (at least 2 parties), a port 1 to "
+               f"65535")
+    master = os.environ["MASTER_ADDR"]
     if not (args.key or args.insecure) and not is_loopback(master):
         refuse(f"--distributed: MASTER_ADDR {master} is not a loopback address: --key (the kits of --provision) "
                f"authenticates and encrypts the parties' traffic (docs/distributed.md); --insecure runs it "
@@ -435,10 +454,13 @@ def join(args, refuse, load_own_site):
     kit = None
     if args.key:
         try:
-            kit = secure.load_kit(args.key, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+            kit = secure.load_kit(args.key, rank, world_size)
         except ValueError as error:
             refuse(str(error))
-    transport = connect(args.timeout or 1800, args.device, kit)
+    try:
+        transport = connect(args.timeout or 1800, args.device, kit)
+    except ValueError as error:
+        refuse(str(error))
     try:
         sites = transport.sites(lambda: load_own_site(transport.rank - 1))
     except (ValueError, OSError) as error:
@@ -481,7 +503,9 @@ def refused(args):
         no_extra = None
     except ValueError as error:
         no_extra = str(error)
-    return [(args.max_restarts and not (args.distributed and args.save),
+    return [(args.timeout and args.timeout > MAX_TIMEOUT,
+             f"--timeout {args.timeout or 0:g}: at most {MAX_TIMEOUT} seconds (a week; a party silent longer has failed)"),
+            (args.max_restarts and not (args.distributed and args.save),
              "--max-restarts starts the parties of a --distributed run again from their checkpoints: it needs "
              "--distributed and --save DIR"),
             (args.distributed and (args.costs_only or args.profile),

@@ -442,3 +442,27 @@ def test_what_arrives_not_finite_stops_the_run_naming_the_sender_except_an_uploa
     assert upload["w"].isnan().any()  # for the averaging to name and leave out (`robust.Screen`)
     arriving = torch.tensor([1.0, 2.0])
     assert torch.equal(transport.transfer(1, "server", "client->server", (torch.empty(2),))[0], arriving)
+
+
+def test_a_party_set_up_wrong_is_one_line_and_exit_2(monkeypatch, capsys):
+    """A party started by hand (as torchrun would) with its environment incomplete or out of range, a --timeout
+    beyond what a timer holds, or a server that is not there: one line each, status 2, no C++ trace."""
+    port = launch.free_port()  # nothing listens there
+    setups = [(dict(RANK="1", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1"), [], "MASTER_PORT is not set"),
+              (dict(RANK="1", MASTER_ADDR="127.0.0.1"), [], "WORLD_SIZE, MASTER_PORT are not set"),
+              (dict(RANK="3", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"), [],
+               "RANK 3, WORLD_SIZE 3, MASTER_PORT 29500: a party's rank is 0 to WORLD_SIZE - 1"),
+              (dict(RANK="1", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="http"), [], "MASTER_PORT http"),
+              (dict(RANK="1", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), ["--timeout", "1e15"],
+               "--timeout 1e+15: at most 604800 seconds"),
+              (dict(RANK="1", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), ["--timeout", "2"],
+               f"client 0: cannot reach the rendezvous store at 127.0.0.1:{port} within 2 s")]
+    for environment, flags, message in setups:
+        for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--site-sizes", "16,12", "--distributed", *flags])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
