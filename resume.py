@@ -45,6 +45,34 @@ def fresh_checkpoint(row, args, rank=None):
     return path
 
 
+NUMBER, MAYBE = (int, float), (int, float, type(None))
+ROW = dict(scheme=str, seed=int, history=list, auroc=MAYBE, auroc_interval=list, site_auroc=list, accuracy=MAYBE,
+           bytes=dict, messages=dict, flops=dict, seconds=NUMBER)  # what a finished row must hold, to be kept and printed
+
+
+def malformed(settings, finished_rows):
+    """What is wrong with a --save folder's run.json (`settings`) and results.json (`finished_rows`), read as JSON,
+    in a few words naming the file and the field; None where each holds what a run wrote (a row that failed keeps
+    its scheme, seed and error alone)."""
+    if not isinstance(settings, dict):
+        return f"run.json holds a {type(settings).__name__}, not a run's settings"
+    if not isinstance(finished_rows, list):
+        return f"results.json holds a {type(finished_rows).__name__}, not a list of rows"
+    for number, row in enumerate(finished_rows):
+        if not isinstance(row, dict):
+            return f"results.json row {number} is a {type(row).__name__}, not a row"
+        fields = dict(ROW, error=str) if "error" in row else ROW
+        for field, kind in fields.items():
+            if "error" in row and field not in ("scheme", "seed", "error"):
+                continue
+            value = row.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                return f"results.json row {number}: its {field} is {json.dumps(value)[:40]}, not a run's"
+        if not all(isinstance(entry, dict) and isinstance(entry.get("round"), int) for entry in row.get("history", [])):
+            return f"results.json row {number}: its history is not a list of rounds"
+    return None
+
+
 def resumable(args, rows, refuse, say, rank=None):
     """--resume DIR: of the run's `rows` (one per job: scheme, seed, defense), those DIR's run finished, by (scheme,
     seed, defense), once DIR is known to hold a run of these settings whose checkpoints (the server's, `rank` 0, in a
@@ -60,8 +88,11 @@ def resumable(args, rows, refuse, say, rank=None):
                 finished_rows = json.load(file)
     except FileNotFoundError as error:
         refuse(f"{where}: no {os.path.basename(error.filename)} there (a run with --save writes one)")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         refuse(f"{where}: {one_line(error)}")
+    wrong = malformed(saved, finished_rows)
+    if wrong:
+        refuse(f"{where}: {wrong}")
     now = run_settings(args)
     for key in TRAINED:
         had = saved.get(key, BEFORE.get(key))

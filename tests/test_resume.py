@@ -215,12 +215,27 @@ def test_resume_refuses_other_settings_and_damaged_files_in_one_line_overwriting
     (changed / "sl-client" / "checkpoint.pt").write_bytes(whole[:at] + bytes([whole[at] ^ 1]) + whole[at + 1:])
     checkpoints.save_checkpoint(dict(settings={}, state="weights", run={}, hooks=[]),
                                 str(restructured / "sl-client" / "checkpoint.pt"))  # a digest of its own, but not a run's
+    malformed = []  # a folder whose JSON is not what a run wrote, field by field: one line naming the file and the field
+    finished = json.loads((folder / "results.json").read_text())
+    for name, settings, rows, message in [
+            ("list", [], finished, "run.json holds a list, not a run's settings"),
+            ("no-history", None, [{k: v for k, v in finished[0].items() if k != "history"}],
+             "results.json row 0: its history is null, not a run's"),
+            ("text-auroc", None, [dict(finished[0], auroc="0.9")], 'results.json row 0: its auroc is "0.9", not a run\'s'),
+            ("text-history", None, [dict(finished[0], history="x")], 'results.json row 0: its history is "x", not a run\'s'),
+            ("rounds", None, [dict(finished[0], history=[1, 2])], "results.json row 0: its history is not a list of rounds")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(settings) if settings is not None
+                                                  else (folder / "run.json").read_text())
+        (tmp_path / name / "results.json").write_text(json.dumps(rows))
+        malformed.append((tmp_path / name, message))
     files = {path: path.read_bytes() for path in [*folder.rglob("*"), *damaged.rglob("*")] if path.is_file()}
     cases = [(RESUMABLE + ["--resume", str(folder), "--cut", "pool0"], "--cut differs"),
              (RESUMABLE + ["--resume", str(folder), "--distributed", "--lr", "0.01"], "--lr differs"),  # no party started
              (RESUMABLE[:-1] + ["sl-client", "--resume", str(folder)], "--schemes differs"),
              (RESUMABLE + ["--resume", str(folder), "--seeds", "2"], "--seeds differs"),
              (RESUMABLE + ["--resume", str(folder), "--data-seed", "1"], "--data-seed differs (the run had 0, now 1)"),
+             *[(RESUMABLE + ["--resume", str(broken)], f"--resume {broken}: {message}") for broken, message in malformed],
              (RESUMABLE + ["--resume", str(folder), "--rounds", "1"], "--rounds 1, but central has trained 2 already"),
              (RESUMABLE + ["--resume", str(tmp_path / "nothing")], "no run.json there"),
              (RESUMABLE + ["--resume", str(damaged)], f"{damaged / 'sl-client' / 'checkpoint.pt'}: not a whole checkpoint"),
