@@ -188,11 +188,15 @@ class SignedStore:
 
 
 def session_of(kit, store):
-    """The run's session: a random id the server makes and signs, the others read (a replayed one from an
-    earlier run makes the handshakes fail: the server signs with its own)."""
+    """The run's session: a random id the server makes and signs, the others read. The server keeps its own and never
+    reads it back: an earlier run's (signed by the same key) written over it can mislead a client, whose values
+    then fail the server's authentication, named; never the server, whose reading of this run's values it would
+    otherwise make the earlier run's."""
     signed = SignedStore(store, kit)
     if kit.rank == 0:
-        signed.set("session/0", os.urandom(16))
+        session = os.urandom(16)
+        signed.set("session/0", session)
+        return session
     return signed.get("session/0")
 
 

@@ -97,6 +97,19 @@ def test_only_a_kits_owner_passes_the_handshake_and_no_party_speaks_for_another(
     assert isinstance(listened, secure.AuthenticationFailed) and not isinstance(connected, int)
 
 
+def test_an_earlier_runs_session_written_over_this_ones_is_named_never_believed_by_the_server(kits):
+    _, (server, client_0, _) = kits
+    earlier, store = dist.HashStore(), dist.HashStore()
+    secure.session_of(server, earlier)  # an earlier run of the same federation, as a stranger recorded it
+    session = secure.session_of(server, store)
+    store.set("session/0", earlier.get("session/0"))  # ... and wrote over this run's
+    misled = secure.session_of(client_0, store)
+    assert misled != session and misled == secure.session_of(client_0, earlier)
+    secure.SignedStore(store, client_0, misled).set("alive/1", "0")
+    with pytest.raises(secure.AuthenticationFailed, match="'alive/1' failed authentication"):
+        secure.SignedStore(store, server, session).get("alive/1")
+
+
 def test_the_signed_store_believes_no_value_forged_moved_replayed_or_written_for_another_party(kits):
     _, (server, client_0, client_1) = kits
     store, scratch = dist.HashStore(), dist.HashStore()
