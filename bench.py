@@ -560,6 +560,11 @@ def spawn(argv, args, parser):
     """--distributed without torchrun: every party a process of this machine (`launch.parties`); rank 0's rows."""
     if args.resume:  # refused here, in one line, before any party starts
         resume.resumable(args, [job_row(args, *job) for job in jobs(args)], parser.error, silent, rank=0)
+    if args.key:  # so are kits of two federations (a party would stop at its first handshake)
+        try:
+            secure.check_kits(args.key, len(site_sizes(args)) + 1)
+        except ValueError as error:
+            parser.error(str(error))
     try:
         return launch.parties(__file__, argv, len(site_sizes(args)) + 1, args.key, args.threads, args.max_restarts,
                               args.json)

@@ -157,6 +157,19 @@ def load_kit(path, rank, world_size):
     return Kit(rank, signing_key, public_keys, federation)
 
 
+def check_kits(folder, world_size):
+    """The launcher's look at every party's kit in `folder` before it starts anything: each loads (`load_kit`) and
+    all are of one federation, with the same parties' keys. A kit of another provisioning: ValueError naming it."""
+    kits = [load_kit(folder, rank, world_size) for rank in range(world_size)]
+    for kit in kits[1:]:
+        if kit.federation != kits[0].federation or [raw(key) for key in kit.public_keys] != [
+                raw(key) for key in kits[0].public_keys]:
+            raise ValueError(f"--key {os.path.join(folder, kit_name(kit.rank))} is a kit of another federation than "
+                             f"{os.path.join(folder, kit_name(0))}'s (federation {kit.federation.hex()[:8]}..., not "
+                             f"{kits[0].federation.hex()[:8]}...): provision them together")
+    return kits
+
+
 class SignedStore:
     """The rendezvous store with each value signed by its writer (over the key, the session and the value) and
     checked on every read. A key that ends in a rank ("alive/2") is that party's alone to write."""

@@ -2,6 +2,7 @@
 and real runs with a stranger on every port the run listens on."""
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -296,3 +297,17 @@ def test_kits_are_their_owners_alone_and_never_written_through_a_planted_link(tm
     assert elsewhere.read_text() == "another user's file" and not (folder / f"{secure.kit_name(1)}.tmp").exists()
     assert [os.stat(path).st_mode & 0o777 for path in paths] == [0o600] * 3
     assert secure.load_kit(str(folder), 1, 3).rank == 1
+
+
+def test_the_launcher_refuses_kits_of_two_federations_before_starting_a_party(kits, tmp_path, monkeypatch, capsys):
+    folder, _ = kits
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    secure.provision(str(tmp_path / "other"), 3)
+    shutil.copy(tmp_path / "other" / "client-1", mixed / "client-1")  # one kit from another provisioning
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--distributed", "--key", str(mixed), "--site-sizes", "16,12"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--key {mixed / 'client-1'} is a kit of another federation than {mixed / 'server'}'s" in err
