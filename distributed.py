@@ -52,7 +52,8 @@ from secure import party_name
 from standins import StandIn, adam_state, meta_copy, unwrap
 from wire import Wire, placeholder
 
-HEARTBEAT_SECONDS, SILENT_SECONDS = 1.0, 20.0  # a party silent this long is taken for dead
+HEARTBEAT_SECONDS, GRACE_SECONDS = 1.0, 20.0  # --grace's default: a party silent this long is taken for dead
+STORE_CALL_SECONDS = 5.0  # the watchdog's store calls: one that takes longer failed, and it connects again
 MAX_TIMEOUT = 7 * 24 * 3600  # --timeout at most a week: beyond, torch's timers overflow, and nothing waits that long
 
 
@@ -280,16 +281,67 @@ class Transport:
         self.wire.channel.close()
 
 
+class LostContact(RuntimeError):
+    """The rendezvous store did not answer within the grace period."""
+
+
+class StoreContact:
+    """The rendezvous store as one thread of a party reaches it (`set`, `get`, `check`, `wait`): a call that fails
+    for want of an answer (the connection cut, a call timed out) is tried again on a new connection (`reconnect()`)
+    once a second, until `grace` seconds pass without an answer; then LostContact names the store (`where`). A value
+    that fails authentication is raised at once; without `reconnect` (torchrun's agent's store) so is every failure.
+    `reconnected`: when its latest connection was made (on the monotonic clock)."""
+
+    def __init__(self, store, reconnect, grace, where):
+        self.store, self.reconnect, self.grace, self.where = store, reconnect, grace, where
+        self.reconnected = time.monotonic()
+
+    def set(self, key, value):
+        # (a set expects no answer: on a connection cut unnoticed it would vanish; the check that follows has one)
+        return self._call(lambda store: store.set(key, value) or store.check([key]))
+
+    def get(self, key):
+        return self._call(lambda store: store.get(key))
+
+    def check(self, keys):
+        return self._call(lambda store: store.check(keys))
+
+    def wait(self, keys):
+        return self._call(lambda store: store.wait(keys))
+
+    def _call(self, function):
+        lost = None
+        while True:
+            try:
+                if self.store is None:
+                    self.store, self.reconnected = self.reconnect(), time.monotonic()
+                return function(self.store)
+            except secure.AuthenticationFailed:
+                raise
+            except Exception:
+                if self.reconnect is None:
+                    raise
+                self.store, lost = None, lost or time.monotonic()
+                if time.monotonic() - lost > self.grace:
+                    raise LostContact(f"lost contact with the rendezvous store ({self.where}) for "
+                                      f"{time.monotonic() - lost:.0f} s") from None
+                time.sleep(HEARTBEAT_SECONDS)
+
+
 class Watchdog(threading.Thread):
     """Beats every second in the store (a count that only grows) and watches the other parties' beats: a party
-    silent for `SILENT_SECONDS` (killed, or its machine gone) or one that noted a failure stops this process
+    silent for `grace` seconds (killed, stopped, or its machine gone) or one that noted a failure stops this process
     with one line naming the party. A party that is alive but stuck is caught by the per-operation timeout. The
     process that started this one gone (the launcher killed, torchrun's agent lost), it stops too. A count that
-    goes back or vanishes is the store tampered with, and so is a value that fails its signature (--key)."""
+    goes back or vanishes is the store tampered with, and so is a value that fails its signature (--key).
 
-    def __init__(self, store, rank, world_size):
+    It reaches the store on a connection of its own (`store`, a `StoreContact` whose calls are short: it never
+    waits behind the main thread), which survives a blip; a party's silence counts from when it last reconnected
+    (it could not see the beats before)."""
+
+    def __init__(self, store, rank, world_size, grace=GRACE_SECONDS):
         super().__init__(daemon=True)
-        self.store, self.rank, self.world_size = store, rank, world_size
+        self.store, self.rank, self.world_size, self.grace = store, rank, world_size, grace
         self.stopped = threading.Event()
         self.parent = os.getppid()
 
@@ -309,12 +361,12 @@ class Watchdog(threading.Thread):
                 if self.store.check(["failed"]):
                     stop(self.rank, self.store.get("failed").decode())
                 for rank, (count, since) in beats.items():
-                    self.watch(rank, count, since, beats)
+                    self.watch(rank, count, max(since, getattr(self.store, "reconnected", since)), beats)
             except secure.AuthenticationFailed as error:
                 stop(self.rank, str(error))
-            except Exception:  # the store is gone: its host, the server, is
+            except Exception as error:  # no answer within the grace period: the store's host, the server, is gone
                 if not self.stopped.is_set():
-                    stop(self.rank, "server failed (its rendezvous store is gone)")
+                    stop(self.rank, f"{party_name(self.rank)}: {error if isinstance(error, LostContact) else one_line(error)}")
 
     def watch(self, rank, count, since, beats):
         key, now = f"alive/{rank}", time.monotonic()
@@ -328,9 +380,9 @@ class Watchdog(threading.Thread):
             raise secure.AuthenticationFailed(f"the rendezvous store was tampered with: {key!r} went back")
         if latest != count:
             beats[rank] = (latest, now)
-        elif now - since > SILENT_SECONDS and not (self.store.check([f"done/{rank}"])
-                                                   and self.store.get(f"done/{rank}") == b"1"):
-            message = f"{party_name(rank)} failed (silent for {SILENT_SECONDS:.0f} s)"
+        elif now - since > self.grace and not (self.store.check([f"done/{rank}"])
+                                               and self.store.get(f"done/{rank}") == b"1"):
+            message = f"{party_name(rank)} failed (silent for {now - since:.0f} s)"
             self.store.set("failed", message)
             stop(self.rank, message)
 
@@ -352,7 +404,7 @@ def stop(rank, message):
     os._exit(1)
 
 
-def connect(timeout, device, kit=None):
+def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
     """Join the run as the party that RANK names (torchrun or `launch` set RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT); rank 0 hosts the rendezvous store, unless torchrun's agent does. With a `kit`
     (`secure.load_kit`), the store's values are signed and the messages go sealed on a mesh of the parties'
@@ -367,16 +419,24 @@ def connect(timeout, device, kit=None):
                          if rank == 0 else f"{party_name(rank)}: cannot reach the rendezvous store at {where} within "
                                            f"{timeout:g} s (is the server started, and its address right?)") from None
     # torchrun's store outlives a restart: each start of the parties keeps its keys apart ("failed" among them)
-    store = dist.PrefixStore(f"start-{restart}/", store)
+    prefix, session = f"start-{restart}/", None
+    store = dist.PrefixStore(prefix, store)
     try:
         if kit:
-            store = secure.SignedStore(store, kit, secure.session_of(kit, store))
+            session = secure.session_of(kit, store)
+            store = secure.SignedStore(store, kit, session)
             store.set(f"alive/{rank}", "0")
             store.wait([f"alive/{peer}" for peer in range(world_size)])  # every party is here
         else:
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=timeout))
-        watchdog = Watchdog(store, rank, world_size)
+        # every thread's store calls survive a blip (`StoreContact`), the watchdog's on a connection of its own
+        own = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # (torchrun's agent's store: no new ones)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        reconnect = lambda seconds: (lambda: connected(where, prefix, kit, session, seconds)) if own else None
+        store = StoreContact(store, reconnect(timeout), grace, where)
+        watchdog = Watchdog(StoreContact(None, reconnect(STORE_CALL_SECONDS), grace, where) if own else store, rank,
+                            world_size, grace)
         watchdog.start()
         channel = secure.Mesh(secure.mesh(kit, store, os.environ["MASTER_ADDR"], timeout)) if kit else None
     except Exception as error:  # (the store gone, a peer not joining in time, a message failing authentication)
@@ -390,6 +450,14 @@ def connect(timeout, device, kit=None):
     sys.excepthook = lambda kind, error, trace: transport.fail(f"{party_name(rank)}: {one_line(error)}")
     signal.signal(signal.SIGTERM, lambda *_: transport.fail(f"{party_name(rank)} was stopped (SIGTERM)"))
     return transport
+
+
+def connected(where, prefix, kit, session, seconds):
+    """A new connection to the rendezvous store at `where` (host:port), each call at most `seconds`, its keys those of
+    the run's start (`prefix`), signed as the run's are (`kit`, `session`)."""
+    host, port = where.rsplit(":", 1)
+    store = dist.PrefixStore(prefix, dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=seconds)))
+    return secure.SignedStore(store, kit, session) if kit else store
 
 
 def rendezvous_store(rank, world_size, timeout):
@@ -458,7 +526,7 @@ def join(args, refuse, load_own_site):
         except ValueError as error:
             refuse(str(error))
     try:
-        transport = connect(args.timeout or 1800, args.device, kit)
+        transport = connect(args.timeout or 1800, args.device, kit, args.grace)
     except ValueError as error:
         refuse(str(error))
     try:
@@ -489,6 +557,9 @@ def add_flags(parser, positive):
                                       "kit; default: gloo's plain TCP; needs the [secure] extra)")
     add("--insecure", action="store_true", help="--distributed across machines without --key: run although the traffic "
                                                 "is neither authenticated nor encrypted, inside a network you trust")
+    add("--grace", type=positive(float), default=GRACE_SECONDS, metavar="SECONDS",
+        help=f"--distributed: how long a party may be silent (stopped, its machine gone), or out of contact with the "
+             f"rendezvous store, before the run stops naming it (default: {GRACE_SECONDS:g})")
     add("--timeout", type=positive(float), metavar="SECONDS", help="--distributed: the longest a party waits for another "
                                                                    "(default: one round of all the parties' work at 5 "
                                                                    "GFLOP/s, plus a minute)")
