@@ -174,8 +174,8 @@ def compared(reconstructed, victim_images, attacker_images, size=None, paired=Tr
     is assigned to a different victim image, the assignment that helps most (`assignment`), the rest keep the
     prior. Images compared at `size` (default: theirs, at most 64 px). Returns the mean SSIM and PSNR over the
     victim images and of the floor, the reconstructions' own mean SSIM (`ssim_reconstructed`, which may be below
-    the floor), how many victim images they beat the prior on (`better`), and a 95% interval of the mean SSIM
-    (`ssim_interval`: a bootstrap over the victim images, the floor held)."""
+    the floor), how many victim images they beat the prior on (`better`), and a 95% interval of the gain, (SSIM - floor)
+    / (1 - floor) (`gain_interval`: a percentile bootstrap over the victim images, in [0, 1] as the gain is)."""
     size = size or min(victim_images.shape[-1], 64)
     reconstructed, victims = shrunk(reconstructed, size), shrunk(victim_images, size)
     prior = shrunk(attacker_images, size).mean(0, keepdim=True).expand_as(victims)
@@ -189,14 +189,14 @@ def compared(reconstructed, victim_images, attacker_images, size=None, paired=Tr
     best_ssim, best_psnr = prior_ssim.clone(), prior_psnr.clone()
     better = own_ssim > prior_ssim[drawn]
     best_ssim[drawn[better]], best_psnr[drawn[better]] = own_ssim[better], own_psnr[better]
-    # the interval: a seeded bootstrap over the victim images of what the attack adds to the prior, image by image
-    added = (best_ssim - prior_ssim).double()
-    means = added[torch.randint(len(added), (1000, len(added)), generator=torch.Generator().manual_seed(0))].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    # the gain's interval: a seeded bootstrap over the victim images, each resample's gain on its own floor
+    resamples = torch.randint(len(victims), (1000, len(victims)), generator=torch.Generator().manual_seed(0))
+    best, prior = best_ssim.double()[resamples].mean(1), prior_ssim.double()[resamples].mean(1)
+    gains = (best - prior) / (1 - prior).clamp(min=1e-9)
+    low, high = torch.quantile(gains, torch.tensor([0.025, 0.975], dtype=gains.dtype)).tolist()
     return dict(ssim=float(best_ssim.mean()), psnr=float(best_psnr.mean()), ssim_floor=float(prior_ssim.mean()),
                 psnr_floor=float(prior_psnr.mean()), ssim_reconstructed=float(own_ssim.mean()), better=int(better.sum()),
-                num_images=len(victims), target_size=size,
-                ssim_interval=(float(prior_ssim.mean()) + low, float(prior_ssim.mean()) + high))
+                num_images=len(victims), target_size=size, gain_interval=[low, high])
 
 
 class Decoder(nn.Module):

@@ -99,9 +99,8 @@ def entry(attacker, channel, victim, found=None, **measured):
     if row["ssim"] is not None and reachable is not None and reachable > row["ssim_floor"] + 1e-3:
         row.update(ssim_reachable=reachable,
                    reach=(row["ssim"] - row["ssim_floor"]) / max(reachable - row["ssim_floor"], 1e-9))
-    if row["gain"] is not None and found.get("ssim_interval"):
-        row["gain_interval"] = [(value - row["ssim_floor"]) / max(1 - row["ssim_floor"], 1e-9)
-                                for value in found["ssim_interval"]]
+    if row["gain"] is not None and found.get("gain_interval"):
+        row["gain_interval"] = found["gain_interval"]
     row.update({key: found[key] for key in ("dcor", "label_auroc", "psnr", "psnr_floor", "method") if key in found})
     return row
 

@@ -631,14 +631,18 @@ def test_the_attackers_scale_never_goes_below_the_prior_and_assigns_one_to_one()
     prior = attacks.ssim(known.mean(0, keepdim=True).expand_as(victims), victims)
     expected = (3 + float(prior.sum() - prior[[0, 5, 17]].sum())) / len(victims)
     assert some["better"] == 3 and some["ssim"] == pytest.approx(expected, abs=1e-6)
-    # the interval: scipy's percentile bootstrap of the mean SSIM (another resampling: agreeing to its noise)
+    # the gain's interval: scipy's percentile bootstrap of the same statistic (another resampling: agreeing to its
+    # noise), within [0, 1] even for a perfect copy
     half = victims.clone()
     half[::2] = known.mean(0)
     found = attacks.compared(half, victims, known)
-    best = torch.maximum(attacks.ssim(half, victims), prior).numpy()
-    reference = pytest.importorskip("scipy.stats").bootstrap((best,), np.mean, method="percentile", random_state=0)
-    assert found["ssim_interval"] == pytest.approx(tuple(reference.confidence_interval), abs=0.01)
-    assert found["ssim_interval"][0] < found["ssim"] < found["ssim_interval"][1]
+    best = torch.maximum(attacks.ssim(half, victims), prior).double().numpy()
+    gain = lambda best, prior, axis=-1: (best.mean(axis) - prior.mean(axis)) / (1 - prior.mean(axis))
+    reference = pytest.importorskip("scipy.stats").bootstrap((best, prior.double().numpy()), gain, paired=True,
+                                                               method="percentile", random_state=0)
+    assert found["gain_interval"] == pytest.approx(list(reference.confidence_interval), abs=0.01)
+    assert found["gain_interval"][0] < gain(best, prior.double().numpy()) < found["gain_interval"][1]
+    assert perfect["gain_interval"] == pytest.approx([1, 1]) and noise["gain_interval"][0] >= 0
 
 
 def test_epsilon_of_client_level_dp_is_opacus_rdp_accountants():
