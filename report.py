@@ -92,7 +92,7 @@ def print_tables(rows, args, distributed):
               "output,\nper victim image the better of its reconstruction and its prior, and in brackets of its prior "
               "alone;\ngain: (SSIM - floor) / (1 - floor), its 95% interval over the victim images; reach: the same "
               "towards an oracle\ndecoder given the victim's own pairs; how: the better attack (white-box: a decoder of "
-              "the victim's weights);\nlabels: the label attack's AUROC):")
+              "the victim's weights);\nlabels: the label attack's AUROC; the round of each line is in the JSON):")
         print(leak_table(rows))
 
 
@@ -167,9 +167,9 @@ def leak_cell(row):
 
 def leak_table(rows):
     """Every attacker of every row (the first seed): what it received, about whose data, how much it got, in the
-    round it got most (`privacy.worst_leaks`), and how (or "not attacked")."""
+    round it got most (`privacy.worst_leaks`; the JSON says which round), and how (or "not attacked")."""
     lines = [["scheme", "attacker", "channel", "site", "SSIM (floor)", "gain [95%]", "reach", "how", "dCor²",
-              "labels", "round"]]
+              "labels"]]
     number = lambda value, digits=3: "-" if value is None else f"{value:.{digits}f}"
     for row in rows:
         if row.get("error") or row["seed"] != rows[0]["seed"]:
@@ -179,9 +179,15 @@ def leak_table(rows):
             gain = number(line["gain"], 2) + (f" [{interval[0]:.2f},{interval[1]:.2f}]" if interval else "")
             lines.append([name(row), line["attacker"], line["channel"], str(line["victim"]),
                           f"{line['ssim']:.3f} ({line['ssim_floor']:.3f})" if line["ssim"] is not None else "-",
-                          gain, number(line.get("reach"), 2), (line.get("method") or "-").replace(" decoder", ""),
-                          number(line.get("dcor"), 2), number(line.get("label_auroc"), 2), str(line["round"])])
+                          gain, number(line.get("reach"), 2), how(line.get("method")),
+                          number(line.get("dcor"), 2), number(line.get("label_auroc"), 2)])
     return align(lines)
+
+
+def how(method):
+    """A leak line's method as the leak table shows it: "white-box decoder" as "white-box", "replayed adam + BN"
+    as "replay adam+BN" (the JSON keeps the whole name)."""
+    return (method or "-").replace(" decoder", "").replace("replayed ", "replay ").replace(" + ", "+")
 
 
 def dcor_cell(row):
