@@ -17,10 +17,8 @@ import math
 import os
 import signal
 import sys
-import tempfile
 
-# (before torch loads: c10d's C++ warnings and stack traces would bury the one line that names each failure's cause;
-# TORCH_CPP_LOG_LEVEL=INFO shows them again)
+# (before torch loads: c10d's C++ traces would bury each failure's one line; TORCH_CPP_LOG_LEVEL=INFO shows them)
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 import torch  # noqa: E402
 from torch import nn
@@ -31,9 +29,11 @@ import data
 import distributed
 import estimates
 import fedlearn
+import inversion
 import labelprivate
 import launch
 import privacy
+import profiler
 import report
 import resume
 import secure
@@ -43,7 +43,6 @@ from checkpoints import Checkpoint, one_line
 from common import BN_SETTINGS, ORDERS
 from defenses import Defense, epsilon
 from densenet_split import CUTS, split_densenet121
-from profiler import Profile, WarmUp
 from robust import Poison, Screen
 from standins import CostsOnly, cost_only
 from wire import PartyFailed
@@ -225,6 +224,8 @@ def parse_args(argv):
     add("--plot", metavar="PATH.png", help="draw AUROC per round and final AUROC against total bytes (needs [plot])")
     args = parser.parse_args(argv)
     check(args, parser)
+    for flag, folder, cannot in estimates.unwritable(args):  # (found now, not after hours of training)
+        parser.error(f"{flag}: cannot write into {folder} ({cannot})")
     return args, parser
 
 
@@ -247,7 +248,6 @@ def check(args, parser):
         parser.error(f"--resume {args.resume} saves where it resumes; --save {args.save} is elsewhere")
     args.save = args.resume or args.save
     untrained = args.costs_only and "--costs-only trains none"
-    side = max(last_side(args.image_size), 1)  # (an image too small for any side is refused below as such)
     refused = [
         (not args.schemes, f"--defense: no scheme takes {' and '.join(name.replace('_', '-') for name in named)} at once"),
         ("dp" in named and args.clip == math.inf and dict(args.defense)["dp"],
@@ -277,40 +277,15 @@ def check(args, parser):
         (args.image_size < data.MIN_IMAGE_SIZE,  # the least that leaves DenseNet-121 1x1 pixels at its last cut
          f"--image-size: image size {args.image_size} is too small for DenseNet-121 (at least {data.MIN_IMAGE_SIZE} "
          f"pixels)"),
-        (args.batch_size * side ** 2 < 2,
-         f"--batch-size {args.batch_size}: BatchNorm cannot train on one value a channel, and DenseNet-121's last block "
-         f"is {side}x{side} at {args.image_size} px: at least {math.ceil(2 / side ** 2)}")]
+        estimates.too_small_a_batch(args.batch_size, args.image_size)]
     for broken, message in refused:
         if broken:
             parser.error(message)
-    for flag, folder in [("--save", args.save), *((flag, path and (os.path.dirname(path) or ".")) for flag, path in
-                                                  (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)))]:
-        cannot = folder and not_writable(folder)
-        if cannot:  # (found now, not after hours of training)
-            parser.error(f"{flag}: cannot write into {folder} ({cannot})")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install -e \".[plot]\"")
-
-
-def last_side(image_size):
-    """The side of DenseNet-121's last dense block at `image_size` px: conv0 and pool0 halve it rounding up, each
-    transition's average pooling rounding down."""
-    side = math.ceil(math.ceil(image_size / 2) / 2)
-    return side // 8
-
-
-def not_writable(folder):
-    """Why no file can be written into `folder` (made if missing), in a few words; None where one can (a file is
-    made there and removed: a read-only file system, a full disk's inodes or missing permission show now)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as error:
-        return error.strerror or str(error)
 
 
 def site_sizes(args):
@@ -374,16 +349,6 @@ def attempt(what, function, failed, say):
         return None
 
 
-def set_determinism(deterministic):
-    """--deterministic: deterministic kernels only (an error names any operation that has none), no cuDNN autotuning,
-    and a fixed cuBLAS workspace (read when cuBLAS starts, so this runs before any CUDA work). The CPU is deterministic
-    for a given number of threads without it."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = False
-
-
 def train_scheme(args, row, defense, sites, transport, rank, warm_up, attempting, log):
     """One scheme trained from its seed's initial weights under the hooks the flags ask for, in the order the run calls
     them (`common.Run`): the transport first (the others see what arrived), the client's defense and any poison before
@@ -401,7 +366,7 @@ def train_scheme(args, row, defense, sites, transport, rank, warm_up, attempting
     if args.save:  # after every round: DIR/SCHEME/checkpoint.pt (`--resume`), or each party's own
         hooks.append(Checkpoint(resume.fresh_checkpoint(row, args, rank if transport else None), transport,
                                 keep=[*([transport] if transport else []), screen], noted=dict(defense=row["defense"])))
-    profile = Profile(args.device) if args.profile else None
+    profile = profiler.Profile(args.device) if args.profile else None
     if transport:
         transport.begin(scheme)  # from here on: this party's busy time and peak memory for the scheme
     torch.manual_seed(row["seed"])
@@ -482,7 +447,7 @@ def main(argv=None):
     """
     args, parser = parse_args(argv)
     checkpoints.writer.wait()  # (an interrupted run earlier in this process: its last checkpoint is written first)
-    set_determinism(args.deterministic)
+    profiler.set_determinism(args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.provision or args.inversion_curve:  # (tasks of their own, with no federation to train)
@@ -505,7 +470,8 @@ def main(argv=None):
                                  lambda what, function: attempt(what, function, failed, say))
     if any(profiles):
         print(f"\nwhere training time goes ({args.device}):")
-        print(report.align([["scheme", "images/s", *Profile.PARTS, "other", "peak memory"]] + list(filter(None, profiles))))
+        print(report.align([["scheme", "images/s", *profiler.Profile.PARTS, "other", "peak memory"]]
+                           + list(filter(None, profiles))))
     if args.plot:
         attempt("plot", lambda: (report.plot_tradeoff if args.tradeoff else report.plot)(rows, args.plot), failed, say)
         if "plot" not in failed:
@@ -531,7 +497,7 @@ def run_jobs(args, sites, transport, rank, say, parser):
         f"{args.image_size}px, cut {args.cut}, device {args.device}"
         + (f", {transport.world_size} processes" if transport else ""), flush=True)
     estimate = estimates.Estimate(len(jobs(args)) - len(finished), args.rounds, say if not args.costs_only else silent)
-    warm_up = WarmUp()
+    warm_up = profiler.WarmUp()
     for seed, scheme, defense in jobs(args):
         row, profile, model = run_job(args, seed, scheme, defense, sites, transport, rank, finished, say, estimate,
                                       warm_up)
@@ -560,12 +526,9 @@ def spawn(argv, args, parser):
     """--distributed without torchrun: every party a process of this machine (`launch.parties`); rank 0's rows."""
     if args.resume:  # refused here, in one line, before any party starts
         resume.resumable(args, [job_row(args, *job) for job in jobs(args)], parser.error, silent, rank=0)
-    if args.key:  # so are kits of two federations (a party would stop at its first handshake)
-        try:
-            secure.check_kits(args.key, len(site_sizes(args)) + 1)
-        except ValueError as error:
-            parser.error(str(error))
     try:
+        if args.key:  # so are kits of two federations (a party would stop at its first handshake)
+            secure.check_kits(args.key, len(site_sizes(args)) + 1)
         return launch.parties(__file__, argv, len(site_sizes(args)) + 1, args.key, args.threads, args.max_restarts,
                               args.json)
     except ValueError as error:
@@ -588,9 +551,9 @@ def join(args, parser):
 
 
 def inversion_curve(args):
-    """--inversion-curve (`attacks.curve_experiment`): its rows."""
+    """--inversion-curve (`inversion.curve_experiment`): its rows."""
     try:
-        return attacks.curve_experiment(load_sites(args)[0], args.cut, args.lr, args.attack_steps, args.json)
+        return inversion.curve_experiment(load_sites(args)[0], args.cut, args.lr, args.attack_steps, args.json)
     except OSError as error:
         print(f"bench.py: error: {error}", file=sys.stderr)
         sys.exit(1)

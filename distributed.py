@@ -438,7 +438,7 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
         watchdog = Watchdog(StoreContact(None, reconnect(STORE_CALL_SECONDS), grace, where) if own else store, rank,
                             world_size, grace)
         watchdog.start()
-        channel = secure.Mesh(secure.mesh(kit, store, os.environ["MASTER_ADDR"], timeout)) if kit else None
+        channel = secure.Mesh(secure.mesh(kit, store, os.environ["MASTER_ADDR"], timeout, session)) if kit else None
     except Exception as error:  # (the store gone, a peer not joining in time, a message failing authentication)
         message = str(error) if isinstance(error, secure.AuthenticationFailed) else f"{party_name(rank)}: {one_line(error)}"
         with contextlib.suppress(Exception):

@@ -1,8 +1,11 @@
-"""What a run will take before it has run, or on a machine it does not run on: memory (`check_memory`), the time
-left (`Estimate`), the time on a real network (`deployment_seconds`), and how long a party may wait for another
-(`schedule_timeout`). Each is a model of the run, stated in its docstring; docs/bench.md says how to read them."""
+"""What a run will take before it has run, or on a machine it does not run on: memory (`check_memory`), a batch
+BatchNorm can train (`too_small_a_batch`), folders it can write (`unwritable`), the time left (`Estimate`), the time
+on a real network (`deployment_seconds`), and how long a party may wait for another (`schedule_timeout`). Each is a model of the run, stated in its docstring; docs/bench.md says how to read them."""
 import contextlib
+import math
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -121,3 +124,36 @@ class Estimate:
         if left:
             self.say(f"expected: about {duration(statistics.mean(self.done) * left)} more ({len(self.done)} of "
                      f"{self.num_jobs} done in {duration(sum(self.done))})", flush=True)
+
+
+def last_side(image_size):
+    """The side of DenseNet-121's last dense block at `image_size` px: conv0 and pool0 halve it rounding up, each
+    transition's average pooling rounding down."""
+    return math.ceil(math.ceil(image_size / 2) / 2) // 8
+
+
+def too_small_a_batch(batch_size, image_size):
+    """(broken, why) for bench.py's checks: a batch too small for BatchNorm to train at DenseNet-121's last block,
+    where it needs two values a channel (an image too small for any block is refused as such, elsewhere)."""
+    side = max(last_side(image_size), 1)
+    return (batch_size * side ** 2 < 2,
+            f"--batch-size {batch_size}: BatchNorm cannot train on one value a channel, and DenseNet-121's last block "
+            f"is {side}x{side} at {image_size} px: at least {math.ceil(2 / side ** 2)}")
+
+
+def unwritable(args):
+    """(flag, folder, why) for each folder the run will write into that cannot be written: --save's, and those of
+    --json, --csv and --plot (made if missing; a file is made there and removed: a read-only file system, full
+    inodes or missing permission show now, not after hours of training)."""
+    folders = [("--save", args.save), *((flag, path and (os.path.dirname(path) or "."))
+                                        for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)))]
+    found = []
+    for flag, folder in folders:
+        try:
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+        except OSError as error:
+            found.append((flag, folder, error.strerror or str(error)))
+    return found

@@ -8,8 +8,9 @@ import statistics
 import torch
 from torch import nn
 
-from attacks import (compared, decode, dependence, invert_update, label_attacks, part_with, whitebox_attack)
+from attacks import compared, decode, dependence, label_attacks, part_with, whitebox_attack
 from common import batch_bounds, shuffled
+from inversion import invert_update
 
 
 class Recorder:

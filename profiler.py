@@ -1,7 +1,9 @@
 """Where a run's time and memory go: the profile of one scheme's training (`Profile`, `bench.py --profile`), the
-warm-up that keeps a process's first kernels out of its first scheme's time (`WarmUp`), and this process's memory."""
+warm-up that keeps a process's first kernels out of its first scheme's time (`WarmUp`), which kernels run
+(`set_determinism`), and this process's memory."""
 import contextlib
 import copy
+import os
 import resource
 import time
 
@@ -151,3 +153,13 @@ class Profile:
         shares = [f"{100 * self.seconds[part] / total:.0f}%" for part in self.PARTS]
         other = f"{100 * (1 - sum(self.seconds.values()) / total):.0f}%"
         return [result["scheme"], f"{images / total:.1f}", *shares, other, human(self.peak_bytes, "B")]
+
+
+def set_determinism(deterministic):
+    """--deterministic: deterministic kernels only (an error names any operation that has none), no cuDNN autotuning,
+    and a fixed cuBLAS workspace (read when cuBLAS starts, so this runs before any CUDA work). The CPU is deterministic
+    for a given number of threads without it."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = False

@@ -362,12 +362,12 @@ def own_address(master):
         return probe.getsockname()[0]
 
 
-def mesh(kit, store, master, timeout):
+def mesh(kit, store, master, timeout, session):
     """{rank: Channel} to every other party: this party listens on its own address (`own_address`; for the
     higher ranks, until all of them have joined) and connects to the lower ranks at the addresses they signed
     into the `SignedStore`. A connection that fails the handshake (a stranger's, garbage) is closed and
     counted, and the listening goes on."""
-    world_size, session = len(kit.public_keys), store.session
+    world_size = len(kit.public_keys)
     host = socket.getaddrinfo(master, None, type=socket.SOCK_STREAM)[0][4][0] if kit.rank == 0 else own_address(master)
     joined, failures, changed = {}, [], threading.Condition()
     listener = None

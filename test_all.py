@@ -22,6 +22,7 @@ import data
 import defenses
 import densenet_split as ds
 import fedlearn
+import inversion
 import labelprivate
 import report
 import robust
@@ -558,10 +559,10 @@ def test_gradient_inversion_reconstructs_one_image_in_the_dlg_setting():
     loss = F.binary_cross_entropy_with_logits(net(image).squeeze(1), label)
     gradients = torch.autograd.grad(loss, list(net.parameters()))
     before = copy.deepcopy(net.state_dict())
-    reconstructed = attacks.invert_gradient(net, gradients, label, (1, 32, 32))
+    reconstructed = inversion.invert_gradient(net, gradients, label, (1, 32, 32))
     assert reconstructed.shape == (1, 1, 32, 32) and 0 <= reconstructed.min() and reconstructed.max() <= 1
     assert float(attacks.ssim(reconstructed, image)) >= 0.9
-    other = attacks.invert_gradient(net, gradients, 1 - label, (1, 32, 32), steps=200)  # the wrong label
+    other = inversion.invert_gradient(net, gradients, 1 - label, (1, 32, 32), steps=200)  # the wrong label
     assert float(attacks.ssim(other, image)) < float(attacks.ssim(reconstructed, image))
     assert all(torch.equal(value, before[key]) for key, value in net.state_dict().items())  # the model untouched
 
@@ -578,7 +579,7 @@ def test_fedavg_inversion_recovers_the_dlg_image_from_an_sgd_update():
     step = torch.optim.SGD(client.parameters(), lr=0.1)
     F.binary_cross_entropy_with_logits(client(image).squeeze(1), label).backward()
     step.step()
-    found = attacks.invert_update(net, start, client.state_dict(), image, label, train_sets[1].images, batch_size=32,
+    found = inversion.invert_update(net, start, client.state_dict(), image, label, train_sets[1].images, batch_size=32,
                                   lr=0.1, optimizer="sgd", steps=2000)
     assert found["local_steps"] == 1 and found["num_images"] == 1
     assert found["ssim_reconstructed"] >= 0.9 and found["ssim"] == found["ssim_reconstructed"] > found["ssim_floor"]
@@ -601,16 +602,16 @@ def test_the_attackers_replay_of_local_training_is_torchs_optimizer(optimizer):
         step.step()
     training = dict(optimizer=optimizer, lr=0.01, steps=3, batch_size=6)
     start = copy.deepcopy(model.state_dict())
-    moments = attacks.recording_moments(model)
-    replayed = attacks.simulated_update(model, list(model.parameters()), images, labels, training)
+    moments = inversion.recording_moments(model)
+    replayed = inversion.simulated_update(model, list(model.parameters()), images, labels, training)
     for before, after, change in zip(model.parameters(), client.parameters(), replayed):
         assert torch.allclose(change, before - after, atol=1e-7, rtol=1e-4)
     # the BatchNorm prior: the replay's batches add up to what torch's running statistics gained, and others do not
-    statistics = attacks.statistics_change(start, client.state_dict(), model)
-    assert len(statistics) == 1 and float(attacks.statistics_error(moments, statistics)) < 1e-10
+    statistics = inversion.statistics_change(start, client.state_dict(), model)
+    assert len(statistics) == 1 and float(inversion.statistics_error(moments, statistics)) < 1e-10
     moments.clear()
-    attacks.simulated_update(model, list(model.parameters()), images * 0.5, labels, training)
-    assert float(attacks.statistics_error(moments, statistics)) > 1e-3
+    inversion.simulated_update(model, list(model.parameters()), images * 0.5, labels, training)
+    assert float(inversion.statistics_error(moments, statistics)) > 1e-3
 
 
 def test_the_attackers_scale_never_goes_below_the_prior_and_assigns_one_to_one():
