@@ -361,7 +361,7 @@ class Watchdog(threading.Thread):
                 if self.store.check(["failed"]):
                     stop(self.rank, self.store.get("failed").decode())
                 for rank, (count, since) in beats.items():
-                    self.watch(rank, count, max(since, getattr(self.store, "reconnected", since)), beats)
+                    self.watch(rank, count, max(since, self.store.reconnected), beats)
             except secure.AuthenticationFailed as error:
                 stop(self.rank, str(error))
             except Exception as error:  # no answer within the grace period: the store's host, the server, is gone

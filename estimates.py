@@ -1,6 +1,7 @@
 """What a run will take before it has run, or on a machine it does not run on: memory (`check_memory`), a batch
 BatchNorm can train (`too_small_a_batch`), folders it can write (`unwritable`), the time left (`Estimate`), the time
-on a real network (`deployment_seconds`), and how long a party may wait for another (`schedule_timeout`). Each is a model of the run, stated in its docstring; docs/bench.md says how to read them."""
+on a real network (`deployment_seconds`), and how long a party may wait for another (`schedule_timeout`). Each is
+a model of the run, stated in its docstring; docs/bench.md says how to read them."""
 import contextlib
 import math
 import os
