@@ -20,8 +20,9 @@ deployed model as evaluation traffic: each client runs the client side of its de
 server the server side (for FedAvg the client holds all of it and sends its scores; for centralized training the
 server does, and the client sends its images); the BatchNorm statistics pass of bn="local" goes the same way over
 the training images; the loss of each round is summed at rank 0 and sent back (`Transport.summed`), so that all
-processes stop together on a NaN. A party that dies or hangs stops every process within a minute with one line
-naming it.
+processes stop together on a NaN. The parties keep in contact through the rendezvous store (contact.py): a party
+that dies, stops or loses the store stops every process within `--grace` seconds, one that hangs within the
+per-operation timeout, each with one line naming it.
 
 With --save DIR each party writes its own checkpoint after every round (`checkpoints.Checkpoint`); started again (by
 torchrun --max-restarts, or launch.py's own restarts, both counted in TORCHELASTIC_RESTART_COUNT), the parties agree
@@ -35,7 +36,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from datetime import timedelta
 
@@ -44,16 +44,15 @@ import torch.distributed as dist
 
 import data
 import secure
-from checkpoints import leaves, one_line, tree_map, writer
+from checkpoints import leaves, one_line, tree_map
 from common import LINKS, whole
+from contact import GRACE_SECONDS, Checksummed, StoreContact, Watchdog, connected, process_identity, stop
 from estimates import schedule_timeout
 from profiler import resident_memory, restart_peak_memory
 from secure import party_name
 from standins import StandIn, adam_state, meta_copy, unwrap
 from wire import Wire, placeholder
 
-HEARTBEAT_SECONDS, GRACE_SECONDS = 1.0, 20.0  # --grace's default: a party silent this long is taken for dead
-STORE_CALL_SECONDS = 5.0  # the watchdog's store calls: one that takes longer failed, and it connects again
 MAX_TIMEOUT = 7 * 24 * 3600  # --timeout at most a week: beyond, torch's timers overflow, and nothing waits that long
 
 
@@ -272,136 +271,14 @@ class Transport:
         stop(self.rank, message)
 
     def close(self):
-        """The end of a clean run: stop watching, and let rank 0 (the store's host) go last."""
+        """The end of a clean run: rank 0 (the store's host) goes last, and each party watches the others until then
+        (a failure at the end still reaches it through the store, while rank 0 lingers)."""
         self.wire.settle()
-        self.watchdog.stop()
         self.store.set(f"done/{self.rank}", "1")
         self.share(self._gather([0.0]) or [0.0])  # every party gets here, and rank 0 (the store's host) leaves last
+        self.watchdog.stop()
         self.wire.settle()
         self.wire.channel.close()
-
-
-class LostContact(RuntimeError):
-    """The rendezvous store did not answer within the grace period."""
-
-
-class StoreContact:
-    """The rendezvous store as one thread of a party reaches it (`set`, `get`, `check`, `wait`): a call that fails
-    for want of an answer (the connection cut, a call timed out) is tried again on a new connection (`reconnect()`)
-    once a second, until `grace` seconds pass without an answer; then LostContact names the store (`where`). A value
-    that fails authentication is raised at once; without `reconnect` (torchrun's agent's store) so is every failure.
-    `reconnected`: when its latest connection was made (on the monotonic clock)."""
-
-    def __init__(self, store, reconnect, grace, where):
-        self.store, self.reconnect, self.grace, self.where = store, reconnect, grace, where
-        self.reconnected = time.monotonic()
-
-    def set(self, key, value):
-        # (a set expects no answer: on a connection cut unnoticed it would vanish; the check that follows has one)
-        return self._call(lambda store: store.set(key, value) or store.check([key]))
-
-    def get(self, key):
-        return self._call(lambda store: store.get(key))
-
-    def check(self, keys):
-        return self._call(lambda store: store.check(keys))
-
-    def wait(self, keys):
-        return self._call(lambda store: store.wait(keys))
-
-    def _call(self, function):
-        lost = None
-        while True:
-            try:
-                if self.store is None:
-                    self.store, self.reconnected = self.reconnect(), time.monotonic()
-                return function(self.store)
-            except secure.AuthenticationFailed:
-                raise
-            except Exception:
-                if self.reconnect is None:
-                    raise
-                self.store, lost = None, lost or time.monotonic()
-                if time.monotonic() - lost > self.grace:
-                    raise LostContact(f"lost contact with the rendezvous store ({self.where}) for "
-                                      f"{time.monotonic() - lost:.0f} s") from None
-                time.sleep(HEARTBEAT_SECONDS)
-
-
-class Watchdog(threading.Thread):
-    """Beats every second in the store (a count that only grows) and watches the other parties' beats: a party
-    silent for `grace` seconds (killed, stopped, or its machine gone) or one that noted a failure stops this process
-    with one line naming the party. A party that is alive but stuck is caught by the per-operation timeout. The
-    process that started this one gone (the launcher killed, torchrun's agent lost), it stops too. A count that
-    goes back or vanishes is the store tampered with, and so is a value that fails its signature (--key).
-
-    It reaches the store on a connection of its own (`store`, a `StoreContact` whose calls are short: it never
-    waits behind the main thread), which survives a blip; a party's silence counts from when it last reconnected
-    (it could not see the beats before)."""
-
-    def __init__(self, store, rank, world_size, grace=GRACE_SECONDS):
-        super().__init__(daemon=True)
-        self.store, self.rank, self.world_size, self.grace = store, rank, world_size, grace
-        self.stopped = threading.Event()
-        self.parent = os.getppid()
-
-    def stop(self):
-        self.stopped.set()
-        self.join()
-
-    def run(self):
-        beats = {rank: (-1, time.monotonic()) for rank in range(self.world_size) if rank != self.rank}
-        beat = 0
-        while not self.stopped.wait(HEARTBEAT_SECONDS):
-            if os.getppid() != self.parent:
-                stop(self.rank, f"{party_name(self.rank)}: the process that started it is gone")
-            try:
-                beat += 1
-                self.store.set(f"alive/{self.rank}", str(beat))
-                if self.store.check(["failed"]):
-                    stop(self.rank, self.store.get("failed").decode())
-                for rank, (count, since) in beats.items():
-                    self.watch(rank, count, max(since, self.store.reconnected), beats)
-            except secure.AuthenticationFailed as error:
-                stop(self.rank, str(error))
-            except Exception as error:  # no answer within the grace period: the store's host, the server, is gone
-                if not self.stopped.is_set():
-                    stop(self.rank, f"{party_name(self.rank)}: {error if isinstance(error, LostContact) else one_line(error)}")
-
-    def watch(self, rank, count, since, beats):
-        key, now = f"alive/{rank}", time.monotonic()
-        if not self.store.check([key]):
-            if count >= 0:
-                raise secure.AuthenticationFailed(f"the rendezvous store was tampered with: {key!r} was deleted")
-            latest = count
-        else:
-            latest = int(self.store.get(key))
-        if latest < count:
-            raise secure.AuthenticationFailed(f"the rendezvous store was tampered with: {key!r} went back")
-        if latest != count:
-            beats[rank] = (latest, now)
-        elif now - since > self.grace and not (self.store.check([f"done/{rank}"])
-                                               and self.store.get(f"done/{rank}") == b"1"):
-            message = f"{party_name(rank)} failed (silent for {now - since:.0f} s)"
-            self.store.set("failed", message)
-            stop(self.rank, message)
-
-
-_stopping, _stopper = threading.Lock(), []  # (the thread on its way out)
-
-
-def stop(rank, message):
-    """Leave now, with one line; the server (host of the store) lingers so that the others can read why."""
-    if not _stopping.acquire(blocking=False):
-        if _stopper == [threading.get_ident()]:
-            return  # a signal handler (SIGTERM, Ctrl-C) run while this thread lingers: it goes on leaving
-        threading.Event().wait()  # the other thread is already on its way out
-    _stopper.append(threading.get_ident())
-    print(f"bench.py: error: {message}", file=sys.stderr, flush=True)
-    writer.wait()  # a checkpoint being written is whole on the disk first: a restart can go on from it
-    if rank == 0:
-        time.sleep(3 * HEARTBEAT_SECONDS)
-    os._exit(1)
 
 
 def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
@@ -412,7 +289,7 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     try:
-        store, listener = rendezvous_store(rank, world_size, timeout)
+        hosted, listener = rendezvous_store(rank, world_size, timeout)  # (rank 0's store lives as long as this)
     except (RuntimeError, OSError) as error:  # (torch's DistNetworkError is a RuntimeError)
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise ValueError(f"{party_name(rank)}: cannot listen at {where} for the rendezvous store ({one_line(error)})"
@@ -420,9 +297,10 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
                                            f"{timeout:g} s (is the server started, and its address right?)") from None
     # torchrun's store outlives a restart: each start of the parties keeps its keys apart ("failed" among them)
     prefix, session = f"start-{restart}/", None
-    store = dist.PrefixStore(prefix, store)
+    store = dist.PrefixStore(prefix, hosted)
     try:
         if kit:
+            secure.same_federation(store, kit, world_size, timeout)  # a kit of another provisioning named at once
             session = secure.session_of(kit, store)
             store = secure.SignedStore(store, kit, session)
             store.set(f"alive/{rank}", "0")
@@ -430,34 +308,31 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
         else:
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=timeout))
-        # every thread's store calls survive a blip (`StoreContact`), the watchdog's on a connection of its own
-        own = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # (torchrun's agent's store: no new ones)
+            store = Checksummed(store)
+        # Every thread's store calls are short and survive a blip (`StoreContact`), each thread on a connection of
+        # its own, so that none waits behind another's call (torchrun's agent's store makes no new ones: one).
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        reconnect = lambda seconds: (lambda: connected(where, prefix, kit, session, seconds)) if own else None
-        store = StoreContact(store, reconnect(timeout), grace, where)
-        watchdog = Watchdog(StoreContact(None, reconnect(STORE_CALL_SECONDS), grace, where) if own else store, rank,
-                            world_size, grace)
+        own = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        contacts = [StoreContact(None if own else store, (lambda: connected(where, prefix, kit, session)) if own else None,
+                                 grace, where, timeout) for _ in range(3)]
+        store = contacts[0]
+        store.set(f"process/{rank}", json.dumps(process_identity()))  # for the others' watchdogs to say what it does
+        watchdog = Watchdog(*contacts[1:], rank, world_size, grace)
         watchdog.start()
         channel = secure.Mesh(secure.mesh(kit, store, os.environ["MASTER_ADDR"], timeout, session)) if kit else None
     except Exception as error:  # (the store gone, a peer not joining in time, a message failing authentication)
+        if isinstance(error, secure.OtherFederation):  # (each party finds it out itself: nothing to tell)
+            stop(rank, str(error), 2)
         message = str(error) if isinstance(error, secure.AuthenticationFailed) else f"{party_name(rank)}: {one_line(error)}"
         with contextlib.suppress(Exception):
             store.set("failed", message)
         stop(rank, message)
     transport = Transport(rank, world_size, store, timeout, device, channel)
-    transport.restart, transport.listener, transport.watchdog = restart, listener, watchdog
+    transport.restart, transport.hosted, transport.watchdog = restart, (hosted, listener), watchdog
     # Any exception nothing caught (an out-of-memory, Ctrl-C), here or in another party, stops every party.
     sys.excepthook = lambda kind, error, trace: transport.fail(f"{party_name(rank)}: {one_line(error)}")
     signal.signal(signal.SIGTERM, lambda *_: transport.fail(f"{party_name(rank)} was stopped (SIGTERM)"))
     return transport
-
-
-def connected(where, prefix, kit, session, seconds):
-    """A new connection to the rendezvous store at `where` (host:port), each call at most `seconds`, its keys those of
-    the run's start (`prefix`), signed as the run's are (`kit`, `session`)."""
-    host, port = where.rsplit(":", 1)
-    store = dist.PrefixStore(prefix, dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=seconds)))
-    return secure.SignedStore(store, kit, session) if kit else store
 
 
 def rendezvous_store(rank, world_size, timeout):

@@ -24,11 +24,14 @@ MASTER_ADDR's, a client on the one that faces it) until every peer has joined. O
    compared with the schedule before the payload is allocated.
 
 The store (torch's TCPStore, which anyone who reaches its port can read and write) carries no data: liveness,
-failure lines, the parties' measurements, the mesh's addresses. Each value is signed by its writer over the
-key, the run's session and the value (`SignedStore`); one that fails is never believed, and the run stops
-with "the rendezvous store was tampered with". The session is a random id of the server's, so that values of
-an earlier run replayed in this one fail too. A stranger who reaches the ports can still flood them, delete
-keys or make the run stop, but only in the parties' own words; it cannot join, read or forge.
+failure lines, the parties' measurements, the mesh's addresses. Each party first announces its kit's federation
+there (`same_federation`, unsigned: a kit of another provisioning cannot sign for this one), so that a party
+started with another provisioning's kit is named at once, by itself and by the others. Every other value is signed
+by its writer over the key, the run's session and the value (`SignedStore`); one that fails is never believed, and
+the run stops with "the rendezvous store was tampered with". The session is a random id of the server's, so that
+values of an earlier run replayed in this one fail too. A stranger who reaches the ports can still flood them,
+delete keys or make the run stop (an announcement of another federation among the ways), but only in the parties'
+own words; it cannot join, read or forge.
 """
 import json
 import os
@@ -60,6 +63,10 @@ HELLO, ANSWER = len(MAGIC) + 4 + 32 + 64, 32 + 64  # bytes: magic, ranks, X25519
 
 class AuthenticationFailed(Exception):
     """A message or a value in the store failed authentication: the run stops, believing nothing of it."""
+
+
+class OtherFederation(ValueError):
+    """A party holds a kit of another provisioning than this one's."""
 
 
 def party_name(rank):
@@ -198,6 +205,38 @@ class SignedStore:
 
     def wait(self, keys):
         self.store.wait(keys)
+
+
+def same_federation(store, kit, world_size, timeout):
+    """Every party announces its kit's federation in the store and waits until all have, up to `timeout` seconds; a
+    party of another federation is named at once (OtherFederation), by itself (the federation it expected, its
+    kit's, and the one it met, the server's) and by the others. The announcement is not signed (a kit of another
+    provisioning cannot sign for this one), so a stranger can make one too: the line says "announces"."""
+    mine, peers = kit.federation.hex(), range(world_size)
+    store.set(f"federation/{kit.rank}", mine)
+    deadline = time.monotonic() + timeout
+    while True:
+        announced = {peer: store.get(f"federation/{peer}") for peer in peers if store.check([f"federation/{peer}"])}
+        for peer, theirs in announced.items():  # (a federation's id, or the run stops in its own words)
+            if len(theirs) != 32 or not set(theirs) <= set(b"0123456789abcdef"):
+                raise AuthenticationFailed(f"the rendezvous store was tampered with: 'federation/{peer}' is no "
+                                           f"federation's id")
+        announced = {peer: theirs.decode() for peer, theirs in announced.items()}
+        server = announced.get(0)  # the federation a client expects: the server's (until it announces, none)
+        if server is not None and server != mine:
+            raise OtherFederation(f"{party_name(kit.rank)}: its kit is of federation {mine[:8]}..., and the server's of "
+                                  f"{server[:8]}...: every party's kit comes from one --provision")
+        other = next((peer for peer, theirs in announced.items() if server is not None and theirs != mine), None)
+        if other is not None:
+            raise OtherFederation(f"{party_name(kit.rank)}: {party_name(other)} announces a kit of federation "
+                                  f"{announced[other][:8]}..., not this one's ({mine[:8]}...): every party's kit comes "
+                                  f"from one --provision")
+        if len(announced) == world_size:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{', '.join(party_name(peer) for peer in peers if peer not in announced)} did not join "
+                               f"within {timeout:g} s")
+        time.sleep(0.05)
 
 
 def session_of(kit, store):

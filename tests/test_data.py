@@ -1,6 +1,5 @@
 """The data: the synthetic federation, X-ray folders and manifests, DICOM (the [dicom] extra)."""
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,7 +125,7 @@ def test_pooled_folder_split_into_sites(tmp_path):
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=16, **elements):
     """A one-frame grayscale DICOM file, written with pydicom."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -179,7 +178,7 @@ def test_dicom_window_clips_as_the_standard_says(tmp_path):
 
 @pytest.mark.extras
 def test_dicom_in_site_folders_and_the_file_pydicom_ships(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
     for site in ("north", "south"):
         for i in range(8):

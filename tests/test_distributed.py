@@ -11,12 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import bench
+import contact
 import densenet_split as ds
 import distributed
 import estimates
@@ -281,16 +284,74 @@ def test_an_error_in_one_party_stops_every_party_at_once_with_its_cause(tmp_path
         assert err.strip() == "bench.py: error: client 1: sfv1: RuntimeError: CUDA out of memory (a stand-in)", err
 
 
-def test_a_party_whose_launcher_is_gone_stops_and_says_so(monkeypatch):
+@pytest.fixture
+def store():
+    """A rendezvous store on the loopback: (its port, its host's handle)."""
+    port = launch.free_port()
+    yield port, dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+
+
+def test_a_party_whose_launcher_is_gone_stops_and_says_so(monkeypatch, store):
     """A party's watchdog notices that the process that started it (the launcher, torchrun's agent) is gone:
     here it started under another parent than the one it has."""
+    where = f"127.0.0.1:{store[0]}"
+    contacts = [contact.StoreContact(None, lambda: contact.connected(where, "run/", None, None), 5, where, 5)
+                for _ in range(2)]
     stopped = []
-    watchdog = distributed.Watchdog(None, 2, 3)
-    monkeypatch.setattr(distributed, "stop", lambda rank, message: stopped.append(message) or watchdog.stopped.set())
+    watchdog = contact.Watchdog(*contacts, 2, 3)
+    monkeypatch.setattr(contact, "stop", lambda rank, message: stopped.append(message) or watchdog.stopped.set())
     watchdog.parent = -1
     watchdog.start()
     watchdog.join(timeout=60)  # (it ends as soon as it has stopped: the limit only bounds a failure)
     assert stopped == ["client 1: the process that started it is gone"]
+
+
+def test_a_byte_flipped_on_a_store_connection_is_survived_and_a_connection_that_corrupts_is_named(store):
+    """One byte of a `set` inverted on its way to the store (through a proxy), wherever it falls: the query's type
+    (the store hangs up), the key's length (the store waits for bytes that never come, and torch's client for its
+    answer, without a limit), the key, the value. Each time the value is stored whole within seconds, on a new
+    connection. A connection that changes what the store sends, every time: the party stops after the grace
+    period, naming the store and the value."""
+    port, host = store
+    proxy = StoreProxy(port)
+    proxy.start()
+    where = f"127.0.0.1:{proxy.port}"
+    party = contact.StoreContact(None, lambda: contact.connected(where, "run/", None, None), 3, where, 10)
+    stored = contact.Checksummed(dist.PrefixStore("run/", host))
+    for offset in (0, 1, 14, 40):
+        value = f"value {offset} " * 4
+        assert not party.check([f"key{offset}"])  # (connected: the next bytes up are the set's)
+        proxy.flip(offset)
+        done = threading.Event()
+        threading.Thread(target=lambda: party.set(f"key{offset}", value) or done.set(), daemon=True).start()
+        assert done.wait(60), offset  # (before: the set's confirming check waited for ever)
+        assert stored.get(f"key{offset}") == value.encode() and proxy.flip_at is None
+    proxy.corrupting = True
+    with pytest.raises(contact.LostContact, match=rf"^lost contact with the rendezvous store \({where}\) for \d+ s "
+                                                  rf"\('key0' changed on the way: its checksum fails\)$"):
+        party.get("key0")
+
+
+def test_what_a_silent_partys_process_is_doing_is_said_as_far_as_this_machine_sees_it():
+    child = subprocess.Popen([sys.executable, "-c", "import contact, json, time\n"
+                              "print(json.dumps(contact.process_identity()), flush=True)\ntime.sleep(600)"],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(bench.__file__).parent)
+    try:
+        identity = json.loads(child.stdout.readline())
+        assert contact.process_state(identity) == f"its process {child.pid} is alive"
+        child.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30  # (a signal is delivered in a moment, on a loaded machine a longer one)
+        while contact.process_state(identity).endswith("alive") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert contact.process_state(identity) == f"its process {child.pid} is stopped"
+        assert contact.process_state(dict(identity, start="1")) == f"its process {child.pid} is gone"  # a pid reused
+        assert contact.process_state(dict(identity, machine="another", host="h2")) == \
+               f"its process {child.pid} runs on h2, out of this party's sight"
+        assert contact.process_state({"pid": "x"}) == contact.process_state([]) == "its process not known"
+    finally:
+        child.kill()
+        child.wait()
+    assert contact.process_state(identity) == f"its process {child.pid} is gone"
 
 
 def alive(pid):
@@ -470,13 +531,16 @@ def test_a_party_set_up_wrong_is_one_line_and_exit_2(monkeypatch, capsys):
 
 
 class StoreProxy(threading.Thread):
-    """A TCP proxy on the loopback between the clients and the rendezvous store at `port`: `cut(seconds)` closes
-    every connection through it and refuses new ones for that long, as a network blip does."""
+    """A TCP proxy on the loopback between parties and the rendezvous store at `port`: `cut(seconds)` closes every
+    connection through it and refuses new ones for that long, as a network blip does; `flip(offset)` inverts the
+    byte `offset` bytes on in what goes to the store, once; `corrupting` (set it) inverts the last byte of every
+    piece of 12 bytes or more that the store sends (its values; not the one-byte answers), as a broken link would."""
 
     def __init__(self, port):
         super().__init__(daemon=True)
         self.target, self.listener = port, socket.create_server(("127.0.0.1", 0))
         self.port, self.closed_until, self.connections = self.listener.getsockname()[1], 0.0, []
+        self.sent, self.flip_at, self.corrupting = 0, None, False
 
     def run(self):
         while True:
@@ -491,15 +555,23 @@ class StoreProxy(threading.Thread):
                 continue
             self.connections += [client, upstream]
             for source, destination in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self.pipe, args=(source, destination), daemon=True).start()
+                threading.Thread(target=self.pipe, args=(source, destination, source is client), daemon=True).start()
 
-    @staticmethod
-    def pipe(source, destination):
+    def pipe(self, source, destination, up):
         with contextlib.suppress(OSError):
-            while chunk := source.recv(65536):
+            while chunk := bytearray(source.recv(65536)):
+                if up and self.flip_at is not None and self.sent <= self.flip_at < self.sent + len(chunk):
+                    chunk[self.flip_at - self.sent] ^= 0xFF
+                    self.flip_at = None
+                elif not up and self.corrupting and len(chunk) >= 12:
+                    chunk[-1] ^= 0xFF
+                self.sent += len(chunk) if up else 0
                 destination.sendall(chunk)
         with contextlib.suppress(OSError):
             destination.shutdown(socket.SHUT_RDWR)
+
+    def flip(self, offset):
+        self.flip_at = self.sent + offset
 
     def cut(self, seconds):
         self.closed_until = time.monotonic() + seconds
@@ -509,36 +581,74 @@ class StoreProxy(threading.Thread):
         self.connections = []
 
 
-def test_a_store_blip_and_a_stopped_party_are_survived_with_the_undisturbed_results(tmp_path):
-    """The clients' connections to the rendezvous store cut for 3 s (through a proxy: every one closed, new ones
-    refused), then client 1 stopped for 10 s (SIGSTOP): within the grace period (--grace 20) the run goes on, and
-    ends with the results of the simulation."""
-    argv = DISTRIBUTED + ["--schemes", "sfv1", "--rounds", "3"]
-    expected = bench.main(argv)[0]
+def parties_with_a_fault(argv, fault, clients_through=()):
+    """The three parties of `bench.py argv --distributed` started by hand, the clients of `clients_through` (sites)
+    reaching the store through a `StoreProxy`; once the server prints sfv1's first round, `fault(proxy, parties)`:
+    (each party's stderr, exit statuses, seconds from the fault to the last exit)."""
     port = launch.free_port()
     proxy = StoreProxy(port)
     proxy.start()
     env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     with contextlib.ExitStack() as stack:
         parties = [stack.enter_context(process_group(
-            [sys.executable, "bench.py", *argv, "--distributed", "--grace", "20"] + (
-                ["--json", str(tmp_path / "rows.json")] if rank == 0 else []),
-            env=dict(env, RANK=str(rank), MASTER_PORT=str(port if rank == 0 else proxy.port)),
+            [sys.executable, "bench.py", *argv, "--distributed"],
+            env=dict(env, RANK=str(rank), MASTER_PORT=str(proxy.port if rank - 1 in clients_through else port)),
             stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
             for rank in range(3)]
         for line in parties[0].stdout:
-            if "sfv1 round 1/3" in line:
-                proxy.cut(3)
-                time.sleep(4)
-                parties[2].send_signal(signal.SIGSTOP)
-                time.sleep(10)
-                parties[2].send_signal(signal.SIGCONT)
+            if "sfv1 round 1/" in line:
+                start = time.monotonic()
+                fault(proxy, parties)
                 break
         errors = [party.communicate(timeout=600)[1] for party in parties]
-    assert [party.returncode for party in parties] == [0, 0, 0], errors
+    return errors, [party.returncode for party in parties], time.monotonic() - start
+
+
+def test_a_store_blip_and_a_stopped_party_are_survived_with_the_undisturbed_results(tmp_path):
+    """The clients' connections to the rendezvous store cut for 3 s (through a proxy: every one closed, new ones
+    refused), then client 1 stopped for 10 s (SIGSTOP): within the grace period (--grace 20) the run goes on, and
+    ends with the results of the simulation."""
+    argv = DISTRIBUTED + ["--schemes", "sfv1", "--rounds", "3"]
+    expected = bench.main(argv)[0]
+
+    def blip_then_stop(proxy, parties):
+        proxy.cut(3)
+        time.sleep(4)
+        parties[2].send_signal(signal.SIGSTOP)
+        time.sleep(10)
+        parties[2].send_signal(signal.SIGCONT)
+    errors, statuses, _ = parties_with_a_fault(argv + ["--grace", "20", "--json", str(tmp_path / "rows.json")],
+                                               blip_then_stop, clients_through=(0, 1))
+    assert statuses == [0, 0, 0], errors
     got = json.loads((tmp_path / "rows.json").read_text())[0]
     for key in ("auroc", "site_auroc", "accuracy", "bytes", "messages", "flops"):
         assert got[key] == expected[key], key
     # (the loss is summed across the processes, in another order: equal to rounding, as in the test above)
     assert [entry["loss"] for entry in got["history"]] == pytest.approx([entry["loss"] for entry in expected["history"]],
                                                                         rel=1e-6)
+
+
+def test_a_party_stopped_past_the_grace_period_or_cut_off_by_a_corrupting_link_is_named_with_its_state():
+    """Client 1 stopped (SIGSTOP) for longer than --grace 5: every party stops, naming it, how long it was silent
+    and that its process is stopped. Client 1's store connections changing what the store sends: client 1 stops
+    after the grace period naming the store and the value, and the others with its words."""
+    argv = DISTRIBUTED + ["--schemes", "sfv1", "--rounds", "3", "--grace", "5"]
+
+    def stop_for_good(proxy, parties):
+        parties[2].send_signal(signal.SIGSTOP)
+        for party in parties[:2]:
+            party.wait(timeout=120)
+        parties[2].send_signal(signal.SIGCONT)  # (then it leaves too: the store is gone)
+    errors, statuses, seconds = parties_with_a_fault(argv, stop_for_good)
+    assert statuses == [1, 1, 1] and seconds < 60, (statuses, errors)
+    pid = re.search(r"its process (\d+) is stopped\)$", errors[0].strip())
+    assert pid and re.fullmatch(r"bench.py: error: client 1 failed \(silent for [5-9] s; its process \d+ is stopped\)",
+                                errors[0].strip()), errors[0]
+    assert errors[1] == errors[0]
+
+    errors, statuses, seconds = parties_with_a_fault(
+        argv, lambda proxy, parties: setattr(proxy, "corrupting", True), clients_through=(1,))
+    assert statuses == [1, 1, 1] and seconds < 60, (statuses, errors)
+    for err in errors:
+        assert re.fullmatch(r"bench.py: error: client 1: lost contact with the rendezvous store \(127.0.0.1:\d+\) for "
+                            r"\d+ s \('\w+/\d+' changed on the way: its checksum fails\)", err.strip()), errors

@@ -311,3 +311,23 @@ def test_the_launcher_refuses_kits_of_two_federations_before_starting_a_party(ki
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
     assert f"--key {mixed / 'client-1'} is a kit of another federation than {mixed / 'server'}'s" in err
+
+
+def test_a_party_started_by_hand_with_another_federations_kit_is_named_by_itself_and_by_the_others(kits, tmp_path):
+    """As torchrun would start them, client 1 with a kit of another provisioning: it names the federation it
+    expected (its kit's) and the one it met (the server's), the others name it; every party exits 2, at once
+    (before, the others waited out --timeout and named nobody)."""
+    folder, ours = kits
+    secure.provision(str(tmp_path / "other"), 3)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.copy(tmp_path / "other" / "client-1", mixed / "client-1")
+    theirs = secure.load_kit(str(mixed), 2, 3).federation.hex()[:8]
+    errors, statuses = run_parties(mixed, tmp_path / "rows.json")
+    assert statuses == [2, 2, 2], errors
+    ours = ours[0].federation.hex()[:8]
+    for rank, err in enumerate(errors):
+        assert err == f"bench.py: error: {secure.party_name(rank)}: " + (
+            f"its kit is of federation {theirs}..., and the server's of {ours}..." if rank == 2 else
+            f"client 1 announces a kit of federation {theirs}..., not this one's ({ours}...)") + \
+            ": every party's kit comes from one --provision\n", err
