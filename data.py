@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -306,7 +307,10 @@ def _decode_cached(path, mtime_ns, file_size, image_size, cache_dir, max_pixels)
         pixels = _read_dicom(path, max_pixels)
     else:
         try:
-            with Image.open(path) as image:
+            with warnings.catch_warnings():  # (Pillow's warning of a large image: --max-pixels decides, in one line)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(path)
+            with image:
                 _check_header(image, path, max_pixels)
                 image.load()
                 pixels = _to_gray(image, path)

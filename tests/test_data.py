@@ -1,5 +1,6 @@
 """The data: the synthetic federation, X-ray folders and manifests, DICOM (the [dicom] extra)."""
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -125,7 +126,7 @@ def test_pooled_folder_split_into_sites(tmp_path):
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=16, **elements):
     """A one-frame grayscale DICOM file, written with pydicom."""
-    pytest.importorskip("pydicom")
+    pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -314,7 +315,7 @@ def png_48_bit(path, pixels):
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-def test_data_that_would_inflate_or_corrupt_a_result_is_one_line_naming_it(tmp_path):
+def test_data_that_would_inflate_or_corrupt_a_result_is_one_line_naming_it(tmp_path, monkeypatch):
     for i in range(8):
         save_png(tmp_path / "img" / f"{i}.png", gray(7 * i))
     manifest = lambda name, *rows: (tmp_path / name).write_text("path,label\n" + "".join(f"{row}\n" for row in rows))
@@ -338,6 +339,11 @@ def test_data_that_would_inflate_or_corrupt_a_result_is_one_line_naming_it(tmp_p
         data.folder_sites(tmp_path / "img" / "0.png", image_size=32)
     with pytest.raises(ValueError, match=r"0.png: 40 x 40, 1,600 pixels, more than --max-pixels 1,000"):
         data.folder_sites(tmp_path / "plain.csv", image_size=32, max_pixels=1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's warning of a bomb: --max-pixels's line alone
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"0.png: 40 x 40, 1,600 pixels, more than"):
+        warnings.simplefilter("error")
+        data.load_image(tmp_path / "img" / "0.png", 32, max_pixels=1000)
+    monkeypatch.undo()
     pages = [Image.fromarray(gray(value)) for value in (10, 20)]
     pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
     png_48_bit(tmp_path / "deep.png", np.random.default_rng(0).integers(0, 65536, (8, 8, 3)))
