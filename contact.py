@@ -66,13 +66,13 @@ class StoreContact:
     """The rendezvous store as one thread of a party reaches it (`set`, `get`, `check`, `wait`): a call that gets no
     sound answer (the connection cut, a call timed out, a value changed on the way) is tried again on a new
     connection (`reconnect()`, whose calls last at most STORE_CALL_SECONDS) once a second, until `grace` seconds
-    pass; then LostContact names the store (`where`). `wait` (and `get`, which waits for its key) waits up to
+    pass; then LostContact names the store (`where`), and so does every later call, at once. `wait` (and `get`, which waits for its key) waits up to
     `patience` seconds, looking every POLL_SECONDS. A value that fails authentication is raised at once; without
     `reconnect` (torchrun's agent's store) so is every failure. `reconnected`: when its latest connection was made."""
 
     def __init__(self, store, reconnect, grace, where, patience):
         self.store, self.reconnect, self.grace, self.where, self.patience = store, reconnect, grace, where, patience
-        self.reconnected = time.monotonic()
+        self.reconnected, self.gone = time.monotonic(), None
 
     def set(self, key, value):
         def confirmed(store):  # a set has no answer: read back, for it may be lost (a connection cut unnoticed),
@@ -102,6 +102,8 @@ class StoreContact:
             (self.reconnect() if self.reconnect else self.store).set(key, value)
 
     def _call(self, function):
+        if self.gone:  # (lost once for the whole grace period: a party on its way out does not wait it out again)
+            raise LostContact(self.gone)
         lost = None
         while True:
             try:
@@ -115,9 +117,9 @@ class StoreContact:
                     raise
                 self.store, lost = None, lost or time.monotonic()
                 if time.monotonic() - lost > self.grace:
-                    raise LostContact(f"lost contact with the rendezvous store ({self.where}) for "
-                                      f"{time.monotonic() - lost:.0f} s" + (f" ({error})" if isinstance(
-                                          error, Corrupted) else "")) from None
+                    self.gone = (f"lost contact with the rendezvous store ({self.where}) for {time.monotonic() - lost:.0f}"
+                                 f" s" + (f" ({error})" if isinstance(error, Corrupted) else ""))
+                    raise LostContact(self.gone) from None
                 time.sleep(HEARTBEAT_SECONDS)
 
 
