@@ -96,10 +96,16 @@ class StoreContact:
                 raise TimeoutError(f"waited {self.patience:.0f} s for {', '.join(keys)} in the rendezvous store")
             time.sleep(POLL_SECONDS)
 
-    def tell(self, key, value):
-        """One try at setting `key`, on a new connection: a party that lost the store says why on its way out."""
-        with contextlib.suppress(Exception):
-            (self.reconnect() if self.reconnect else self.store).set(key, value)
+    def once(self, key, value):
+        """One try at `set`, confirmed by a `check` (a connection that a changed byte desynchronised gives it no
+        answer), on a new connection if the latest failed; nothing raised. The heartbeat's, which tries again a second
+        later and leaves naming a lost store to the watchdog, and a party's on its way out, saying why."""
+        try:
+            if self.store is None:
+                self.store, self.reconnected = self.reconnect(), time.monotonic()
+            bounded(lambda store: store.set(key, value) or store.check([key]), self.store)
+        except Exception:  # (tried again at the next beat, on a new connection)
+            self.store = None if self.reconnect else self.store
 
     def _call(self, function):
         if self.gone:  # (lost once for the whole grace period: a party on its way out does not wait it out again)
@@ -155,7 +161,7 @@ def connected(where, prefix, kit, session):
 
 class Watchdog(threading.Thread):
     """Beats every second in the store (a count that only grows; `beat`, a thread of its own on `beating`, its own
-    connection) and watches the other parties' beats (on `store`, another): a party silent for `grace` seconds (killed,
+    connection, each beat tried once: a corrupted read cannot silence it) and watches the other parties' beats (on `store`, another): a party silent for `grace` seconds (killed,
     stopped, or its machine gone) or one that noted a failure stops this process with one line naming the party. A
     party that is alive but stuck is caught by the per-operation timeout. The process that started this one gone
     (the launcher killed, torchrun's agent lost), it stops too. A count that goes back or vanishes is the store
@@ -191,7 +197,7 @@ class Watchdog(threading.Thread):
         beat = 0
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             beat += 1
-            self.guarded(self.beating.set, f"alive/{self.rank}", str(beat))
+            self.beating.once(f"alive/{self.rank}", str(beat))
 
     def guarded(self, function, *args):
         """`function(*args)`; a failure of the store stops this process naming it, and tells the others if it can."""
@@ -202,7 +208,7 @@ class Watchdog(threading.Thread):
         except Exception as error:  # (LostContact: no sound answer within the grace period)
             if not self.stopped.is_set():
                 message = f"{party_name(self.rank)}: {error if isinstance(error, LostContact) else one_line(error)}"
-                self.store.tell("failed", message)
+                self.store.once("failed", message)
                 stop(self.rank, message)
 
     def watch(self, rank, count, since, beats):
