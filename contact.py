@@ -66,9 +66,10 @@ class StoreContact:
     """The rendezvous store as one thread of a party reaches it (`set`, `get`, `check`, `wait`): a call that gets no
     sound answer (the connection cut, a call timed out, a value changed on the way) is tried again on a new
     connection (`reconnect()`, whose calls last at most STORE_CALL_SECONDS) once a second, until `grace` seconds
-    pass; then LostContact names the store (`where`), and so does every later call, at once. `wait` (and `get`, which waits for its key) waits up to
-    `patience` seconds, looking every POLL_SECONDS. A value that fails authentication is raised at once; without
-    `reconnect` (torchrun's agent's store) so is every failure. `reconnected`: when its latest connection was made."""
+    pass; then LostContact names the store (`where`), and so does every later call, at once. `wait` (and `get`,
+    which waits for its key) waits up to `patience` seconds, looking every POLL_SECONDS. A value that fails
+    authentication is raised at once; without `reconnect` (torchrun's agent's store) so is every failure.
+    `reconnected`: when its latest connection was made."""
 
     def __init__(self, store, reconnect, grace, where, patience):
         self.store, self.reconnect, self.grace, self.where, self.patience = store, reconnect, grace, where, patience
