@@ -124,8 +124,8 @@ class StoreContact:
                     raise
                 self.store, lost = None, lost or time.monotonic()
                 if time.monotonic() - lost > self.grace:
-                    self.gone = (f"lost contact with the rendezvous store ({self.where}) for {time.monotonic() - lost:.0f}"
-                                 f" s" + (f" ({error})" if isinstance(error, Corrupted) else ""))
+                    self.gone = (f"lost contact with the rendezvous store ({self.where}) for "
+                                 f"{time.monotonic() - lost:.0f} s" + (f" ({error})" if isinstance(error, Corrupted) else ""))
                     raise LostContact(self.gone) from None
                 time.sleep(HEARTBEAT_SECONDS)
 
@@ -162,12 +162,13 @@ def connected(where, prefix, kit, session):
 
 class Watchdog(threading.Thread):
     """Beats every second in the store (a count that only grows; `beat`, a thread of its own on `beating`, its own
-    connection, each beat tried once: a corrupted read cannot silence it) and watches the other parties' beats (on `store`, another): a party silent for `grace` seconds (killed,
-    stopped, or its machine gone) or one that noted a failure stops this process with one line naming the party. A
-    party that is alive but stuck is caught by the per-operation timeout. The process that started this one gone
-    (the launcher killed, torchrun's agent lost), it stops too. A count that goes back or vanishes is the store
-    tampered with, and so is a value that fails its signature (--key). A party's silence counts from when this one
-    last reconnected (it could not see the beats before)."""
+    connection, each beat tried once: a corrupted read cannot silence it) and watches the other parties' beats (on
+    `store`, another): a party silent for `grace` seconds (killed, stopped, or its machine gone) or one that noted a
+    failure stops this process with one line naming the party. A party that is alive but stuck is caught by the
+    per-operation timeout. The process that started this one gone (the launcher killed, torchrun's agent lost), it
+    stops too. A count that goes back or vanishes is the store tampered with, and so is a value that fails its
+    signature (--key). A party's silence counts from when this one last reconnected (it could not see the beats
+    before)."""
 
     def __init__(self, store, beating, rank, world_size, grace=GRACE_SECONDS):
         super().__init__(daemon=True)
