@@ -124,8 +124,9 @@ class StoreContact:
                     raise
                 self.store, lost = None, lost or time.monotonic()
                 if time.monotonic() - lost > self.grace:
+                    cause = f" ({error})" if isinstance(error, Corrupted) else ""
                     self.gone = (f"lost contact with the rendezvous store ({self.where}) for "
-                                 f"{time.monotonic() - lost:.0f} s" + (f" ({error})" if isinstance(error, Corrupted) else ""))
+                                 f"{time.monotonic() - lost:.0f} s{cause}")
                     raise LostContact(self.gone) from None
                 time.sleep(HEARTBEAT_SECONDS)
 

@@ -313,8 +313,8 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
         # its own, so that none waits behind another's call (torchrun's agent's store makes no new ones: one).
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         own = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-        contacts = [StoreContact(None if own else store, (lambda: connected(where, prefix, kit, session)) if own else None,
-                                 grace, where, timeout) for _ in range(3)]
+        reconnect = (lambda: connected(where, prefix, kit, session)) if own else None
+        contacts = [StoreContact(None if own else store, reconnect, grace, where, timeout) for _ in range(3)]
         store = contacts[0]
         store.set(f"process/{rank}", json.dumps(process_identity()))  # for the others' watchdogs to say what it does
         watchdog = Watchdog(*contacts[1:], rank, world_size, grace)

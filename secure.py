@@ -224,8 +224,8 @@ def same_federation(store, kit, world_size, timeout):
         announced = {peer: theirs.decode() for peer, theirs in announced.items()}
         server = announced.get(0)  # the federation a client expects: the server's (until it announces, none)
         if server is not None and server != mine:
-            raise OtherFederation(f"{party_name(kit.rank)}: its kit is of federation {mine[:8]}..., and the server's of "
-                                  f"{server[:8]}...: every party's kit comes from one --provision")
+            raise OtherFederation(f"{party_name(kit.rank)}: its kit is of federation {mine[:8]}..., and the server's "
+                                  f"of {server[:8]}...: every party's kit comes from one --provision")
         other = next((peer for peer, theirs in announced.items() if server is not None and theirs != mine), None)
         if other is not None:
             raise OtherFederation(f"{party_name(kit.rank)}: {party_name(other)} announces a kit of federation "
