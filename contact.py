@@ -188,7 +188,15 @@ class Watchdog(threading.Thread):
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             if os.getppid() != self.parent:
                 stop(self.rank, f"{party_name(self.rank)}: the process that started it is gone")
-            self.guarded(self.look, beats)
+            try:
+                self.look(beats)
+            except secure.AuthenticationFailed as error:
+                stop(self.rank, str(error))
+            except Exception as error:  # (LostContact: no sound answer within the grace period): said, if it can be
+                if not self.stopped.is_set():
+                    message = f"{party_name(self.rank)}: {error if isinstance(error, LostContact) else one_line(error)}"
+                    self.store.once("failed", message)
+                    stop(self.rank, message)
 
     def look(self, beats):
         if self.store.check(["failed"]):
@@ -201,18 +209,6 @@ class Watchdog(threading.Thread):
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             beat += 1
             self.beating.once(f"alive/{self.rank}", str(beat))
-
-    def guarded(self, function, *args):
-        """`function(*args)`; a failure of the store stops this process naming it, and tells the others if it can."""
-        try:
-            function(*args)
-        except secure.AuthenticationFailed as error:
-            stop(self.rank, str(error))
-        except Exception as error:  # (LostContact: no sound answer within the grace period)
-            if not self.stopped.is_set():
-                message = f"{party_name(self.rank)}: {error if isinstance(error, LostContact) else one_line(error)}"
-                self.store.once("failed", message)
-                stop(self.rank, message)
 
     def watch(self, rank, count, since, beats):
         key, now = f"alive/{rank}", time.monotonic()

@@ -288,10 +288,10 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
     own (secure.py) instead of gloo's."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
         hosted, listener = rendezvous_store(rank, world_size, timeout)  # (rank 0's store lives as long as this)
     except (RuntimeError, OSError) as error:  # (torch's DistNetworkError is a RuntimeError)
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise ValueError(f"{party_name(rank)}: cannot listen at {where} for the rendezvous store ({one_line(error)})"
                          if rank == 0 else f"{party_name(rank)}: cannot reach the rendezvous store at {where} within "
                                            f"{timeout:g} s (is the server started, and its address right?)") from None
@@ -311,7 +311,6 @@ def connect(timeout, device, kit=None, grace=GRACE_SECONDS):
             store = Checksummed(store)
         # Every thread's store calls are short and survive a blip (`StoreContact`), each thread on a connection of
         # its own, so that none waits behind another's call (torchrun's agent's store makes no new ones: one).
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         own = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
         reconnect = (lambda: connected(where, prefix, kit, session)) if own else None
         contacts = [StoreContact(None if own else store, reconnect, grace, where, timeout) for _ in range(3)]

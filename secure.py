@@ -212,30 +212,31 @@ def same_federation(store, kit, world_size, timeout):
     party of another federation is named at once (OtherFederation), by itself (the federation it expected, its
     kit's, and the one it met, the server's) and by the others. The announcement is not signed (a kit of another
     provisioning cannot sign for this one), so a stranger can make one too: the line says "announces"."""
-    mine, peers = kit.federation.hex(), range(world_size)
+    mine, announced = kit.federation.hex(), {}
     store.set(f"federation/{kit.rank}", mine)
     deadline = time.monotonic() + timeout
     while True:
-        announced = {peer: store.get(f"federation/{peer}") for peer in peers if store.check([f"federation/{peer}"])}
-        for peer, theirs in announced.items():  # (a federation's id, or the run stops in its own words)
-            if len(theirs) != 32 or not set(theirs) <= set(b"0123456789abcdef"):
-                raise AuthenticationFailed(f"the rendezvous store was tampered with: 'federation/{peer}' is no "
-                                           f"federation's id")
-        announced = {peer: theirs.decode() for peer, theirs in announced.items()}
+        for peer in sorted(set(range(world_size)) - announced.keys()):
+            if store.check([f"federation/{peer}"]):
+                theirs = store.get(f"federation/{peer}")
+                if len(theirs) != 32 or not set(theirs) <= set(b"0123456789abcdef"):  # (else the stranger's words)
+                    raise AuthenticationFailed(f"the rendezvous store was tampered with: 'federation/{peer}' is no "
+                                               f"federation's id")
+                announced[peer] = theirs.decode()
         server = announced.get(0)  # the federation a client expects: the server's (until it announces, none)
         if server is not None and server != mine:
             raise OtherFederation(f"{party_name(kit.rank)}: its kit is of federation {mine[:8]}..., and the server's "
                                   f"of {server[:8]}...: every party's kit comes from one --provision")
-        other = next((peer for peer, theirs in announced.items() if server is not None and theirs != mine), None)
-        if other is not None:
+        other = next((peer for peer, theirs in announced.items() if theirs != mine), None)
+        if server is not None and other is not None:
             raise OtherFederation(f"{party_name(kit.rank)}: {party_name(other)} announces a kit of federation "
                                   f"{announced[other][:8]}..., not this one's ({mine[:8]}...): every party's kit comes "
                                   f"from one --provision")
         if len(announced) == world_size:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{', '.join(party_name(peer) for peer in peers if peer not in announced)} did not join "
-                               f"within {timeout:g} s")
+            missing = [party_name(peer) for peer in range(world_size) if peer not in announced]
+            raise TimeoutError(f"{', '.join(missing)} did not join within {timeout:g} s")
         time.sleep(0.05)
 
 

@@ -317,7 +317,7 @@ def test_a_party_started_by_hand_with_another_federations_kit_is_named_by_itself
     """As torchrun would start them, client 1 with a kit of another provisioning: it names the federation it
     expected (its kit's) and the one it met (the server's), the others name it; every party exits 2, at once
     (before, the others waited out --timeout and named nobody)."""
-    folder, ours = kits
+    folder, loaded = kits
     secure.provision(str(tmp_path / "other"), 3)
     mixed = tmp_path / "mixed"
     shutil.copytree(folder, mixed)
@@ -325,7 +325,7 @@ def test_a_party_started_by_hand_with_another_federations_kit_is_named_by_itself
     theirs = secure.load_kit(str(mixed), 2, 3).federation.hex()[:8]
     errors, statuses = run_parties(mixed, tmp_path / "rows.json")
     assert statuses == [2, 2, 2], errors
-    ours = ours[0].federation.hex()[:8]
+    ours = loaded[0].federation.hex()[:8]
     for rank, err in enumerate(errors):
         assert err == f"bench.py: error: {secure.party_name(rank)}: " + (
             f"its kit is of federation {theirs}..., and the server's of {ours}..." if rank == 2 else
